@@ -1,0 +1,229 @@
+"""The only module that imports torch and diffusers: load once, generate with progress and cancel."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from PIL import Image
+
+from inference.errors import Cancelled, GenerationFailed, ModelUnavailable, UnsupportedOnDevice
+from inference.presets import ModelIdentity, Preset
+from inference.request import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    preset: Preset
+    identity: ModelIdentity
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    warmup: bool = True
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX) make bf16 about twice as fast as fp32 on CPU;
+    without them bf16 is emulated and slower, so fp32 is the better choice there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def _reason(error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {first_line[:240]}"
+
+
+def _unavailable(what: str, setting: str, value: str, error: BaseException) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"Could not load {what} {value!r} ({_reason(error)}). Check {setting}: it takes a Hugging Face "
+        f"model id (needs network access or a filled HF cache) or a local folder. Without network, "
+        f"download the weights on a machine that has it (`hf download {value} --local-dir ./weights`) "
+        f"and set {setting}=./weights."
+    )
+
+
+class ImagePipeline:
+    """Owns the diffusers pipeline. Loaded once (in the background); generate() is called by one
+    worker thread at a time, guarded by a lock in case a second caller appears."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.options = options
+        self.device = pick_device(options.device)
+        self.dtype = pick_dtype(options.dtype, self.device)
+        self.state = "not loaded"
+        self.detail = ""
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._pipe: diffusers.DiffusionPipeline | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+
+    # ---- loading -------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load_logged, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_logged(self) -> None:
+        try:
+            self.load()
+        except Exception:  # already recorded in self.error; the app decides how to end
+            pass
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._check_device()
+            self._set_state("loading", f"loading {self.options.identity.model_id} on {self.device}")
+            pipe = self._load_pipeline()
+            self._pipe = pipe
+            if self.options.warmup:
+                self._set_state("warming up", "one small warm-up generation")
+                self._warm_up()
+        except Exception as error:
+            self.error = str(error) if isinstance(error, ModelUnavailable | UnsupportedOnDevice) else (
+                f"Model failed to load: {_reason(error)}"
+            )
+            self._set_state("failed", self.error)
+            self._ready.set()
+            raise
+        self.load_seconds = time.perf_counter() - started
+        self._set_state("ready", f"loaded in {self.load_seconds:.1f} s")
+        self._ready.set()
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state, self.detail = state, detail
+        # A failure is reported once, by whoever waits on the model (the app logs it and exits).
+        logger.log(logging.DEBUG if state == "failed" else logging.INFO, "model %s: %s", state, detail)
+
+    def _check_device(self) -> None:
+        preset = self.options.preset
+        if self.device == "cpu" and not preset.cpu_supported:
+            raise UnsupportedOnDevice(
+                f"The {preset.name} preset needs a GPU ({preset.description}); this machine has none. "
+                "Set MODEL_PRESET=turbo (or lightning) for CPU, or run on GPU hardware."
+            )
+
+    def _load_pipeline(self) -> diffusers.DiffusionPipeline:
+        diffusers.utils.logging.disable_progress_bar()  # per-component bars only clutter server logs
+        identity, preset = self.options.identity, self.options.preset
+        pipeline_class = getattr(diffusers, preset.pipeline_class)
+        pipe = self._from_pretrained(pipeline_class, identity.model_id, "MODEL_ID", "model", identity.revision)
+        if identity.unet_weights:
+            self._load_unet_weights(pipe, preset.unet_weights)
+        if identity.vae != "full":
+            pipe.vae = self._from_pretrained(diffusers.AutoencoderTiny, identity.vae, "TINY_VAE_ID", "tiny VAE")
+        scheduler_class = getattr(diffusers, preset.scheduler)
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(preset.scheduler_options))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(self.device)
+
+    def _from_pretrained(self, cls: type, source: str, setting: str, what: str, revision: str = "main"):
+        is_local = Path(source).expanduser().is_dir()
+        kwargs = {"dtype": self.dtype}
+        if not is_local:
+            kwargs["revision"] = revision
+        try:
+            # The fp16 files are half the download; they are cast to the chosen dtype on load.
+            if not is_local and self.dtype != torch.float32:
+                try:
+                    return cls.from_pretrained(source, variant="fp16", **kwargs)
+                except (OSError, ValueError):
+                    logger.info("no fp16 variant of %s; loading the default files", source)
+            return cls.from_pretrained(str(Path(source).expanduser()) if is_local else source, **kwargs)
+        except Exception as error:
+            raise _unavailable(what, setting, source, error) from error
+
+    def _load_unet_weights(self, pipe: diffusers.DiffusionPipeline, weights: tuple[str, str]) -> None:
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+
+        repo, filename = weights
+        try:
+            path = hf_hub_download(repo, filename)
+        except Exception as error:
+            raise _unavailable("UNet weights", "MODEL_ID", f"{repo}/{filename}", error) from error
+        pipe.unet.load_state_dict(load_file(path))
+
+    def _warm_up(self) -> None:
+        # Runs the kernels and allocator once so the first user request is not the slow one.
+        request = GenerationRequest.create("warm-up", preset=self.options.preset.name, width=256, height=256,
+                                           steps=1, seed=0)
+        self._run(request, on_step=lambda step, total: None, should_cancel=lambda: False)
+
+    # ---- serving -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once loaded; raises ModelUnavailable if loading failed."""
+        finished = self._ready.wait(timeout)
+        if self.error:
+            raise ModelUnavailable(self.error)
+        return finished and self.ready
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck) -> Image.Image:
+        self.wait_ready()
+        return self._run(request, on_step, should_cancel)
+
+    def _run(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck) -> Image.Image:
+        assert self._pipe is not None
+        total = request.steps
+
+        def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            on_step(step + 1, total)
+            if should_cancel():
+                # Raising skips the remaining steps and the VAE decode, the costly part.
+                raise Cancelled(f"request {request.request_id} was cancelled at step {step + 1}/{total}")
+            return tensors
+
+        if should_cancel():
+            raise Cancelled(f"request {request.request_id} was cancelled before it started")
+        with self._lock:
+            try:
+                output = self._pipe(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt or None,
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    # A CPU generator gives the same starting noise on every device.
+                    generator=torch.Generator("cpu").manual_seed(request.seed),
+                    callback_on_step_end=step_end,
+                )
+            except Cancelled:
+                raise
+            except Exception as error:
+                logger.exception("generation failed for request %s", request.request_id)
+                raise GenerationFailed(f"generation failed: {_reason(error)}") from error
+        return output.images[0]

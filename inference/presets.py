@@ -1,0 +1,143 @@
+"""Named presets: which weights to load and the settings that make them fast and good."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inference.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_id: str
+    default_steps: int
+    max_steps: int
+    width: int
+    height: int
+    guidance_scale: float
+    # Scheduler class name in diffusers and config overrides (e.g. trailing timesteps for Lightning).
+    scheduler: str
+    scheduler_options: tuple[tuple[str, object], ...] = ()
+    sampler_label: str = "Euler"  # how other SD tools name the sampler in PNG metadata
+    tiny_vae_id: str | None = None  # TAESD decoder: ~100x cheaper than the full VAE decode
+    unet_weights: tuple[str, str] | None = None  # (repo id, file) replacing the base UNet
+    pipeline_class: str = "StableDiffusionXLPipeline"
+    cpu_supported: bool = True
+    max_pixels: int = 1024 * 1024
+    description: str = ""
+
+    def check_size(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise InvalidRequest(
+                "width x height",
+                f"{width}x{height} = {width * height} pixels exceeds the {self.name} preset's budget "
+                f"of {self.max_pixels} pixels (for example {self.width}x{self.height})",
+            )
+
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            name="turbo",
+            model_id="stabilityai/sdxl-turbo",
+            default_steps=1, max_steps=4, width=512, height=512, guidance_scale=0.0,
+            scheduler="EulerAncestralDiscreteScheduler",
+            scheduler_options=(("timestep_spacing", "trailing"),),
+            sampler_label="Euler a",
+            tiny_vae_id="madebyollin/taesdxl",
+            max_pixels=768 * 768,
+            description="SDXL-Turbo: 1 step at 512x512, fastest on CPU",
+        ),
+        Preset(
+            name="lightning",
+            model_id=SDXL_BASE,
+            default_steps=4, max_steps=8, width=1024, height=1024, guidance_scale=0.0,
+            scheduler="EulerDiscreteScheduler",
+            scheduler_options=(("timestep_spacing", "trailing"),),
+            unet_weights=("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors"),
+            tiny_vae_id="madebyollin/taesdxl",
+            max_pixels=1280 * 1280,
+            description="SDXL-Lightning: 4 steps at 1024x1024",
+        ),
+        Preset(
+            name="base",
+            model_id=SDXL_BASE,
+            default_steps=20, max_steps=50, width=1024, height=1024, guidance_scale=7.5,
+            scheduler="EulerDiscreteScheduler",
+            max_pixels=1280 * 1280,
+            description="SDXL base 1.0: 20 steps with guidance (slow on CPU)",
+        ),
+        Preset(
+            name="flux-schnell",
+            model_id="black-forest-labs/FLUX.1-schnell",
+            default_steps=4, max_steps=8, width=1024, height=1024, guidance_scale=0.0,
+            scheduler="FlowMatchEulerDiscreteScheduler",
+            pipeline_class="FluxPipeline",
+            cpu_supported=False,
+            description="FLUX.1 schnell: GPU only (does not fit a 16 GB CPU Space)",
+        ),
+    )
+}
+
+DEFAULT_CPU_PRESET = "turbo"
+DEFAULT_GPU_PRESET = "lightning"
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidRequest("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which weights make the pixels. Computed from configuration alone (no torch), so any process
+    in the fleet fingerprints a request the same way before a worker even loads the model.
+    Device and dtype are left out on purpose: the fleet treats CPU/bf16 and GPU/fp16 renders of one
+    request as the same result, so a cache hit made by any worker serves every caller."""
+
+    preset: str
+    model_id: str
+    revision: str
+    unet_weights: str
+    vae: str
+    scheduler: str
+
+    @classmethod
+    def resolve(
+        cls,
+        preset: Preset,
+        model_id: str | None = None,
+        revision: str | None = None,
+        tiny_vae_id: str | None = None,
+    ) -> ModelIdentity:
+        """model_id replaces the preset's whole model (a local folder or merged checkpoint), so the
+        preset's extra UNet weights are only used with its own model. tiny_vae_id: None keeps the
+        preset's choice, 'none' selects the full VAE."""
+        unet = preset.unet_weights if not model_id else None
+        if tiny_vae_id is None:
+            vae = preset.tiny_vae_id or "full"
+        else:
+            vae = "full" if tiny_vae_id.lower() in ("", "none", "full") else tiny_vae_id
+        options = ",".join(f"{k}={v}" for k, v in preset.scheduler_options)
+        return cls(
+            preset=preset.name,
+            model_id=model_id or preset.model_id,
+            revision=revision or "main",
+            unet_weights="/".join(unet) if unet else "",
+            vae=vae,
+            scheduler=f"{preset.scheduler}({options})",
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+    @property
+    def label(self) -> str:
+        """Short model name for image metadata and the UI."""
+        return self.model_id.rstrip("/").split("/")[-1]

@@ -1,0 +1,197 @@
+"""GenerationRequest / GenerationResult: the one request type every door produces.
+
+Validation happens when a request is built, with messages that name the field and the allowed
+range, so the UI, the API and the Kafka consumer all reject bad input the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from inference.errors import InvalidRequest
+from inference.presets import Preset, get_preset
+
+MAX_PROMPT_CHARS = 2000
+MIN_SIDE, MAX_SIDE = 256, 2048
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**32 - 1
+OUTPUT_FORMATS = ("png", "webp")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value: sorted keys, no spaces, floats as floats. Used for hashing."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_hex(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def _text(name: str, value: Any, *, required: bool) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidRequest(name, f"must be text, got {type(value).__name__}")
+    # NFC so that visually identical prompts share one fingerprint (and one cache entry).
+    text = unicodedata.normalize("NFC", value).strip()
+    if "\x00" in text:
+        raise InvalidRequest(name, "must not contain NUL characters")
+    if required and not text:
+        raise InvalidRequest(name, f"must not be blank (1..{MAX_PROMPT_CHARS} characters)")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(name, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS} allowed")
+    return text
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    # Gradio numbers arrive as floats (512.0); accept integral floats, refuse bools and fractions.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(name, f"must be a whole number in {low}..{high}, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise InvalidRequest(name, f"must be a whole number in {low}..{high}, got {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise InvalidRequest(name, f"must be in {low}..{high}, got {number}")
+    return number
+
+
+def _side(name: str, value: Any) -> int:
+    number = _integer(name, value, MIN_SIDE, MAX_SIDE)
+    if number % 8:
+        raise InvalidRequest(name, f"must be a multiple of 8 in {MIN_SIDE}..{MAX_SIDE}, got {number}")
+    return number
+
+
+def _guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest("guidance_scale", f"must be a number in 0..{MAX_GUIDANCE:g}, got {value!r}")
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise InvalidRequest("guidance_scale", f"must be in 0..{MAX_GUIDANCE:g}, got {value}")
+    return round(float(value), 4)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise InvalidRequest(name, f"must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _request_id(value: Any) -> str:
+    if value is None or value == "":
+        return uuid.uuid4().hex
+    if not isinstance(value, str) or not REQUEST_ID_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            "request_id", "must be 1..128 characters of letters, digits and . _ : - (starting alphanumeric)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    preset: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    output_format: str = "png"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    seed_was_given: bool = field(default=True, compare=False)
+
+    @classmethod
+    def create(
+        cls,
+        prompt: Any,
+        negative_prompt: Any = "",
+        preset: Any = "turbo",
+        width: Any = None,
+        height: Any = None,
+        steps: Any = None,
+        guidance_scale: Any = None,
+        seed: Any = None,
+        output_format: Any = "png",
+        request_id: Any = None,
+    ) -> GenerationRequest:
+        """Validate raw input (from a form, an API call or a message); omitted values take the preset's."""
+        if not isinstance(preset, str):
+            raise InvalidRequest("preset", f"must be a preset name, got {preset!r}")
+        chosen: Preset = get_preset(preset)
+        fields_ = {
+            "prompt": _text("prompt", prompt, required=True),
+            "negative_prompt": _text("negative_prompt", negative_prompt, required=False),
+            "preset": chosen.name,
+            "width": _side("width", chosen.width if width is None else width),
+            "height": _side("height", chosen.height if height is None else height),
+            "steps": _integer("steps", chosen.default_steps if steps is None else steps, 1, chosen.max_steps),
+            "guidance_scale": _guidance(chosen.guidance_scale if guidance_scale is None else guidance_scale),
+            "output_format": _choice("output_format", output_format or "png", OUTPUT_FORMATS),
+        }
+        chosen.check_size(fields_["width"], fields_["height"])
+        seed_was_given = seed is not None and seed != ""
+        # Derived from the other fields: the same request always makes the same image (and hits cache).
+        fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(fields_)
+        return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given)
+
+    def pixel_fields(self) -> dict[str, Any]:
+        """Everything in the request that changes the output bytes (the model is added by storage.keys)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire form: the seed is always explicit, so every consumer renders the same image."""
+        data = asdict(self)
+        del data["seed_was_given"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        """Re-validate a dict made by to_dict (or by any producer): never trust the wire."""
+        if not isinstance(data, dict):
+            raise InvalidRequest("request", f"must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"seed_was_given"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(unknown[0], f"is not a known field; known fields are {sorted(known)}")
+        if "prompt" not in data:
+            raise InvalidRequest("prompt", "is required")
+        return cls.create(**{k: v for k, v in data.items() if k in known})
+
+
+def derive_seed(pixel_fields_without_seed: dict[str, Any]) -> int:
+    return int(sha256_hex(pixel_fields_without_seed)[:8], 16)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a finished request returns; small enough to cache as JSON in Redis."""
+
+    request_id: str
+    fingerprint: str
+    seed: int
+    url: str
+    object_key: str
+    content_type: str
+    width: int
+    height: int
+    steps: int
+    preset: str
+    model: str
+    cached: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,1 @@
+"""Moving requests to the worker and results back: worker, queues, gateway."""

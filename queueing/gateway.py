@@ -1,0 +1,114 @@
+"""What the UI and the API call: submit, follow progress, status, cancel."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from inference.errors import InvalidRequest, QueueFull, UnknownRequest
+from inference.presets import ModelIdentity
+from inference.request import GenerationRequest
+from queueing.worker import Worker
+from storage.cache import ResultCache
+from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, Job, JobStore
+from storage.keys import fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+class RequestQueue(Protocol):
+    def put(self, request: GenerationRequest) -> None: ...
+
+    def depth(self) -> int: ...
+
+    def position(self, request_id: str) -> int | None: ...
+
+
+class Gateway:
+    def __init__(
+        self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, queue: RequestQueue, worker: Worker
+    ) -> None:
+        self.identity, self.cache, self.jobs, self.queue, self.worker = identity, cache, jobs, queue, worker
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Returns the request's job: done at once on a cache hit, else queued (or joined to an
+        identical request already in flight). Resubmitting a request id is idempotent."""
+        if request.preset != self.identity.preset:
+            raise InvalidRequest(
+                "preset", f"{request.preset!r} is not loaded here; this Space serves {self.identity.preset!r}"
+            )
+        fp = fingerprint(request, self.identity)
+        existing = self.jobs.get(request.request_id)
+        if existing is not None and not self._may_resubmit(existing, fp):
+            return existing
+        cached = self.cache.get(fp)
+        if cached is not None:
+            return self._store_job(request, fp, state=DONE, result={**cached, "request_id": request.request_id,
+                                                                   "cached": True}, finished_at=time.time())
+        job = self._store_job(request, fp, state=QUEUED)
+        if self.worker.join_or_lead(fp, request.request_id):
+            self._enqueue(request, fp)
+        logger.info("request %s queued (fingerprint %s)", request.request_id, fp[:12])
+        return self.jobs.get(request.request_id) or job
+
+    def _may_resubmit(self, existing: Job, fp: str) -> bool:
+        if existing.fingerprint != fp:
+            raise InvalidRequest("request_id", f"{existing.request_id!r} was already used for a different request")
+        return existing.state in (FAILED, CANCELLED)  # retrying those starts over; others are in hand
+
+    def _store_job(self, request: GenerationRequest, fp: str, **fields: Any) -> Job:
+        job = Job(request_id=request.request_id, fingerprint=fp, total_steps=request.steps,
+                  request=request.to_dict(), **fields)
+        stored = self.jobs.create(job)
+        if stored is not job:  # a failed/cancelled job being retried under the same id
+            stored = self.jobs.update(request.request_id, **{
+                k: v for k, v in job.to_dict().items() if k not in ("request_id", "version")})
+        return stored
+
+    def _enqueue(self, request: GenerationRequest, fp: str) -> None:
+        try:
+            self.queue.put(request)
+        except QueueFull as error:
+            self.worker.abandon(fp, str(error))
+            raise
+
+    def job(self, request_id: str) -> Job:
+        job = self.jobs.get(request_id) if isinstance(request_id, str) else None
+        if job is None:
+            raise UnknownRequest(f"no request with id {request_id!r} (never submitted, or expired after a day)")
+        return job
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        job = self.job(request_id)
+        return {
+            "request_id": job.request_id,
+            "state": job.state,
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "queue_position": self.queue_position(job),
+            "result": job.result,
+            "error": job.error,
+        }
+
+    def queue_position(self, job: Job) -> int | None:
+        if job.finished:
+            return None
+        leader = self.worker.group_leader(job.fingerprint) or job.request_id
+        return self.queue.position(leader)
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        job = self.job(request_id)
+        if not job.finished:
+            self.worker.cancel(request_id)
+        return self.status(request_id)
+
+    def follow(self, request_id: str, timeout: float, poll_seconds: float = 1.0) -> Iterator[Job]:
+        """Yields the job whenever it changes (and every poll_seconds), until it finishes or timeout."""
+        deadline = time.monotonic() + timeout
+        job = self.job(request_id)
+        yield job
+        while not job.finished and time.monotonic() < deadline:
+            job = self.jobs.wait(request_id, job.version, min(poll_seconds, deadline - time.monotonic())) or job
+            yield job

@@ -1,0 +1,76 @@
+"""The embedded queue: bounded, in process, one worker thread (the only caller of the pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from inference.errors import QueueFull
+from inference.request import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+class LocalQueue:
+    def __init__(self, handler: Callable[[GenerationRequest], None], max_size: int = 16) -> None:
+        self._handler = handler
+        self.max_size = max_size
+        self._waiting: deque[GenerationRequest] = deque()
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.running_id: str | None = None
+
+    def put(self, request: GenerationRequest) -> None:
+        with self._changed:
+            if len(self._waiting) >= self.max_size:
+                raise QueueFull(f"busy: {len(self._waiting)} requests are already waiting; try again in a minute")
+            self._waiting.append(request)
+            self._changed.notify()
+
+    def depth(self) -> int:
+        with self._changed:
+            return len(self._waiting)
+
+    def position(self, request_id: str) -> int | None:
+        """1 for the next to run; 0 while running; None if not here."""
+        if request_id == self.running_id:
+            return 0
+        with self._changed:
+            for index, request in enumerate(self._waiting):
+                if request.request_id == request_id:
+                    return index + 1
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="local-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown: the job in hand finishes, waiting ones stay queued (and are reported)."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _next(self) -> GenerationRequest | None:
+        with self._changed:
+            while not self._waiting and not self._stop.is_set():
+                self._changed.wait(0.5)
+            if self._stop.is_set():
+                return None
+            request = self._waiting.popleft()
+            self.running_id = request.request_id
+            return request
+
+    def _run(self) -> None:
+        while (request := self._next()) is not None:
+            try:
+                self._handler(request)
+            finally:
+                self.running_id = None
+        if self._waiting:
+            logger.warning("stopped with %d requests still queued", len(self._waiting))

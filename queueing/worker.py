@@ -1,0 +1,153 @@
+"""Worker.handle: the single path every request takes: cache -> generate -> store -> publish."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+from PIL import Image
+
+from inference.errors import Cancelled, GenerationError
+from inference.images import CONTENT_TYPES, encode, parameters_text
+from inference.presets import ModelIdentity
+from inference.request import GenerationRequest, GenerationResult
+from storage.cache import ResultCache
+from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
+from storage.keys import fingerprint, object_key
+from storage.objects import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+class ImageGenerator(Protocol):
+    def generate(self, request: GenerationRequest, on_step, should_cancel) -> Image.Image: ...
+
+
+class Worker:
+    """Runs requests one at a time. Requests with the same fingerprint that arrive while one is
+    queued or running join it as a group and share its single generation."""
+
+    def __init__(
+        self,
+        generator: ImageGenerator,
+        identity: ModelIdentity,
+        sampler_label: str,
+        cache: ResultCache,
+        jobs: JobStore,
+        objects: ObjectStore,
+        name: str = "local",
+    ) -> None:
+        self.generator, self.identity, self.sampler_label = generator, identity, sampler_label
+        self.cache, self.jobs, self.objects, self.name = cache, jobs, objects, name
+        self.generations = 0  # pipeline calls made, for tests and metrics
+        self._groups: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    # ---- groups of identical requests ------------------------------------------------------
+    def join_or_lead(self, fingerprint_: str, request_id: str) -> bool:
+        """True if request_id leads a new group (the caller must enqueue it); False if it joined one."""
+        with self._lock:
+            members = self._groups.get(fingerprint_)
+            if members is None:
+                self._groups[fingerprint_] = [request_id]
+                return True
+            if request_id not in members:
+                members.append(request_id)
+            return False
+
+    def group_leader(self, fingerprint_: str) -> str | None:
+        with self._lock:
+            members = self._groups.get(fingerprint_)
+            return members[0] if members else None
+
+    def abandon(self, fingerprint_: str, reason: str) -> None:
+        """The leader could not be enqueued: fail the whole group with reason."""
+        self._finish_group(fingerprint_, FAILED, error=reason)
+
+    def cancel(self, request_id: str) -> None:
+        job = self.jobs.update(request_id, cancel_requested=True)
+        with self._lock:
+            members = self._groups.get(job.fingerprint, [])
+            others_active = any(
+                not (self.jobs.get(m) and self.jobs.get(m).cancel_requested) for m in members if m != request_id
+            )
+        # A running job alone in its group stops at the next step (the worker marks it);
+        # otherwise this member leaves now and the generation goes on for the others.
+        if job.state == QUEUED or others_active or request_id not in members:
+            self.jobs.update(request_id, state=CANCELLED, finished_at=time.time(), error="cancelled by request")
+
+    # ---- the one path ------------------------------------------------------------------------
+    def handle(self, request: GenerationRequest) -> None:
+        fp = fingerprint(request, self.identity)
+        self.join_or_lead(fp, request.request_id)
+        try:
+            self._handle_group(request, fp)
+        except Cancelled as error:
+            self._finish_group(fp, CANCELLED, error=str(error))
+        except GenerationError as error:
+            logger.warning("request %s failed: %s", request.request_id, error)
+            self._finish_group(fp, FAILED, error=str(error))
+        except Exception as error:  # never let one bad request kill the worker thread
+            logger.exception("request %s crashed", request.request_id)
+            self._finish_group(fp, FAILED, error=f"internal error ({type(error).__name__}); it was logged")
+
+    def _handle_group(self, request: GenerationRequest, fp: str) -> None:
+        if self._all_cancelled(fp):
+            raise Cancelled(f"request {request.request_id} was cancelled before it started")
+        cached = self.cache.get(fp)
+        if cached is not None:
+            self._finish_group(fp, DONE, result={**cached, "cached": True})
+            return
+        self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
+                         started_at=time.time())
+        result = self._generate_and_store(request, fp)
+        self.cache.put(fp, result)
+        self._finish_group(fp, DONE, result=result)
+
+    def _generate_and_store(self, request: GenerationRequest, fp: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.generations += 1
+        image = self.generator.generate(
+            request,
+            on_step=lambda step, total: self._mark_group(fp, step=step, total_steps=total),
+            should_cancel=lambda: self._all_cancelled(fp),
+        )
+        generated = time.perf_counter()
+        data = encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
+        key = object_key(fp, request.output_format)
+        url = self.objects.put(key, data, CONTENT_TYPES[request.output_format])
+        stored = time.perf_counter()
+        logger.info("request %s generated in %.2f s", request.request_id, generated - started)
+        return GenerationResult(
+            request_id=request.request_id, fingerprint=fp, seed=request.seed, url=url, object_key=key,
+            content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
+            steps=request.steps, preset=request.preset, model=self.identity.model_id,
+            timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
+        ).to_dict()
+
+    # ---- job state for every member of a group ---------------------------------------------
+    def _members(self, fp: str) -> list[str]:
+        with self._lock:
+            return list(self._groups.get(fp, []))
+
+    def _all_cancelled(self, fp: str) -> bool:
+        jobs = [self.jobs.get(m) for m in self._members(fp)]
+        return bool(jobs) and all(job is None or job.cancel_requested for job in jobs)
+
+    def _mark_group(self, fp: str, **changes: Any) -> None:
+        for member in self._members(fp):
+            job = self.jobs.get(member)
+            if job is not None and not job.finished:
+                self.jobs.update(member, **changes)
+
+    def _finish_group(self, fp: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        with self._lock:
+            members = self._groups.pop(fp, [])
+        for member in members:
+            job = self.jobs.get(member)
+            if job is None or job.finished:
+                continue
+            member_result = {**result, "request_id": member} if result else None
+            self.jobs.update(member, state=state, result=member_result, error=error, finished_at=time.time())

@@ -1,0 +1,1 @@
+"""Where results live: identity (keys), result cache, job store, object store."""

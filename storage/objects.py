@@ -1,0 +1,55 @@
+"""The object store: encoded images under content-addressed keys, each with a stable URL."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        """Store data under key (idempotent) and return its URL."""
+        ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def url_for(self, key: str) -> str: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A file on this machine holding the object, if there is one (saves a download)."""
+        ...
+
+
+class LocalObjectStore:
+    """A folder on disk, served by the app under base_url (e.g. http://host:7860/outputs)."""
+
+    def __init__(self, root: Path, base_url: str) -> None:
+        self.root = root
+        self.base_url = base_url.rstrip("/")
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"object key {key!r} escapes the output folder")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a reader never sees half an image, even if we crash mid-write.
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as handle:
+            handle.write(data)
+        os.replace(handle.name, path)
+        return self.url_for(key)
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def url_for(self, key: str) -> str:
+        return f"{self.base_url}/{key}"
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.exists() else None

@@ -1,0 +1,123 @@
+"""Fixtures: a tiny SDXL built offline, and the real app started as a process on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.sdxl_builder import build_tiny_sdxl
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    sdxl: Path
+    taesd: Path
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    output_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_sdxl(folder)
+    return TinyModel(sdxl=folder / "sdxl", taesd=folder / "taesd")
+
+
+def app_env(tiny_model: TinyModel, port: int, output_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "MODEL_", "SPACE_"))}
+    env.update(
+        MODEL_ID=str(tiny_model.sdxl), TINY_VAE_ID=str(tiny_model.taesd), GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port), OUTPUT_DIR=str(output_dir), HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_app(tiny_model: TinyModel, workdir: Path, timeout: float = 120.0, **extra: str) -> RunningApp:
+    port = free_port()
+    log_path = workdir / "app.log"
+    env = app_env(tiny_model, port, workdir / "outputs", **extra)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    app = RunningApp(f"http://127.0.0.1:{port}", workdir / "outputs", log_path, process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app exited with {process.returncode}:\n{app.log()}")
+        try:
+            if get_json(f"{app.url}/healthz")[1]["status"] == "ok":
+                return app
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"app not ready after {timeout} s:\n{app.log()}")
+
+
+def stop_app(app: RunningApp) -> None:
+    app.process.terminate()
+    try:
+        app.process.wait(20)
+    except subprocess.TimeoutExpired:
+        app.process.kill()
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """The app as a user runs it (`python app.py`), on the base preset with the tiny model.
+
+    The base preset allows 50 steps with guidance, which makes a generation slow enough to cancel."""
+    app = start_app(tiny_model, tmp_path_factory.mktemp("app"), MODEL_PRESET="base")
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="session")
+def client(app_server: RunningApp):
+    from gradio_client import Client
+
+    return Client(app_server.url, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

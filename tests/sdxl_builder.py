@@ -1,0 +1,109 @@
+"""Builds SDXL pipelines offline with the real diffusers/transformers classes.
+
+`tiny` configs make tests fast; `full` configs have the real SDXL shapes (random weights), so
+benchmarks measure real speed without downloading anything. Both are saved with
+`save_pretrained` and loaded back by the app's own loading code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The byte -> printable character table of GPT-2/CLIP byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (no merges): every text tokenizes, offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + list(CLIP_SPECIAL_TOKENS)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def _tiny_text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        hidden_act="gelu",
+    )
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    # cross_attention_dim = hidden sizes of both text encoders (32 + 32);
+    # projection input = 6 time ids x addition_time_embed_dim (8) + pooled text embeds (32).
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # Four blocks give the real SDXL downsampling factor of 8.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, layers_per_block=1, sample_size=64,
+    )
+
+
+def _tiny_taesd() -> AutoencoderTiny:
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+    )
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny SDXL pipeline under folder/sdxl and a tiny TAESD under folder/taesd."""
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(folder / "_tokenizer")
+    vocab_size = len(tokenizer)
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config(vocab_size)),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(vocab_size)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_tiny_unet(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            timestep_spacing="leading", steps_offset=1,
+        ),
+    )
+    pipe.save_pretrained(folder / "sdxl")
+    _tiny_taesd().save_pretrained(folder / "taesd")
+    return folder / "sdxl"
