@@ -35,6 +35,7 @@ from storage.objects import LocalObjectStore
 logger = logging.getLogger("app")
 
 SECONDS_PER_DAY = 24 * 3600
+DERIVED_SEED = -1  # UI/API spelling of "no seed": derive it from the other fields
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -167,6 +168,8 @@ class Handlers:
 
     def _request(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                  request_id=None):
+        if seed == DERIVED_SEED:
+            seed = None
         try:
             return GenerationRequest.create(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
@@ -285,9 +288,11 @@ def build_ui(services: Services):
                     guidance = gr.Number(preset.guidance_scale, label="Guidance scale", step=0.5,
                                          info=f"0..{MAX_GUIDANCE:g} (0 for turbo/lightning)")
                 with gr.Row():
-                    seed = gr.Number(value=None, label="Seed", precision=0,
-                                     info=f"empty: derived from the prompt; 0..{MAX_SEED}")
-                    randomize = gr.Button("🎲 Randomize seed", size="sm")
+                    # The browser shows an empty number box as 0, so "derived" needs a value of its own.
+                    seed = gr.Number(value=DERIVED_SEED, label="Seed", precision=0,
+                                     info=f"{DERIVED_SEED}: derived from the prompt (same prompt, same image); "
+                                          f"or 0..{MAX_SEED}")
+                    randomize = gr.Button("Randomize seed", size="sm")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", variant="stop")

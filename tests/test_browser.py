@@ -1,0 +1,49 @@
+"""A designer's path in a real browser: type a prompt, click Generate, see the image."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def test_type_prompt_click_generate_see_image(browser, app_server, artifacts) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.get_by_text("Model ready").wait_for(timeout=30_000)
+    page.locator("#prompt textarea").fill("a glowing crystal sword, game item icon")
+    page.get_by_label("Width").fill("256")
+    page.get_by_label("Height").fill("256")
+    page.get_by_label("Steps").fill("3")
+    page.locator("#generate").click()
+    image = page.locator("#result-image img")
+    image.wait_for(state="visible", timeout=60_000)
+    assert "/gradio_api/file=" in image.get_attribute("src")
+    page.locator("#metadata").get_by_text("seed_derived").wait_for(timeout=10_000)
+    metadata = "".join(page.locator("#metadata").inner_text().split())  # the viewer breaks lines
+    assert '"cached":false' in metadata and '"seed_derived":true' in metadata
+    page.screenshot(path=str(artifacts / "generate.png"), full_page=True)
+
+
+def test_bad_input_shows_an_error_naming_the_field(browser, app_server, artifacts) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.locator("#prompt textarea").fill("a shield")
+    page.get_by_label("Width").fill("300")
+    page.locator("#generate").click()
+    page.get_by_text("width: must be a multiple of 8").first.wait_for(timeout=20_000)
+    page.screenshot(path=str(artifacts / "invalid-input.png"), full_page=True)
