@@ -152,8 +152,9 @@ class ImagePipeline:
         if not is_local:
             kwargs["revision"] = revision
         try:
-            # The fp16 files are half the download; they are cast to the chosen dtype on load.
-            if not is_local and self.dtype != torch.float32:
+            # The fp16 files are half the download (and what the Space card preloads); they are
+            # cast to the chosen dtype on load, which costs no visible quality.
+            if not is_local:
                 try:
                     return cls.from_pretrained(source, variant="fp16", **kwargs)
                 except (OSError, ValueError):

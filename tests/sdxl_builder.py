@@ -107,3 +107,12 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(folder / "sdxl")
     _tiny_taesd().save_pretrained(folder / "taesd")
     return folder / "sdxl"
+
+
+if __name__ == "__main__":
+    # `python -m tests.sdxl_builder FOLDER`: a tiny random SDXL to try the app without downloads.
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-sdxl")
+    build_tiny_sdxl(target)
+    print(f"MODEL_ID={target / 'sdxl'} TINY_VAE_ID={target / 'taesd'}")
