@@ -11,20 +11,24 @@ import argparse
 import logging
 import os
 import random
+import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 
 from inference.errors import GenerationError, QueueFull, UnknownRequest
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
 from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
+from queueing.connectivity import check_all, kafka_endpoints, url_endpoint
 from queueing.gateway import Gateway
 from queueing.local import LocalQueue
 from queueing.worker import Worker
@@ -42,6 +46,90 @@ def _flag(value: str | None, default: bool) -> bool:
     if value is None or value == "":
         return default
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Kafka, Redis and R2/S3. Each is used when configured; the embedded default otherwise.
+    Secrets are kept out of repr() so that logging a settings object cannot leak them."""
+
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_topic_prefix: str = "image_generation"
+    kafka_group_id: str | None = None
+    kafka_partitions: int = 12
+    kafka_max_poll_interval_ms: int = 300_000
+    kafka_session_timeout_ms: int = 45_000
+    kafka_consume: bool = True
+    max_attempts: int = 3
+    redis_url: str | None = field(default=None, repr=False)
+    redis_namespace: str = "imagegen"
+    job_ttl_seconds: int = SECONDS_PER_DAY
+    s3_endpoint_url: str | None = None
+    r2_access_key_id: str | None = field(default=None, repr=False)
+    r2_secret_access_key: str | None = field(default=None, repr=False)
+    r2_bucket: str | None = None
+    r2_public_base_url: str | None = None
+    presign_seconds: int = 7 * SECONDS_PER_DAY
+    worker_name: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
+        account = env.get("R2_ACCOUNT_ID")
+        prefix = env.get("KAFKA_TOPIC_PREFIX") or "image_generation"
+        return cls(
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            kafka_security_protocol=env.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT",
+            kafka_sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
+            kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+            kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+            kafka_topic_prefix=prefix,
+            kafka_group_id=env.get("KAFKA_GROUP_ID") or f"{prefix}.workers",
+            kafka_partitions=int(env.get("KAFKA_PARTITIONS", "12")),
+            kafka_max_poll_interval_ms=int(env.get("KAFKA_MAX_POLL_INTERVAL_MS", "300000")),
+            kafka_session_timeout_ms=int(env.get("KAFKA_SESSION_TIMEOUT_MS", "45000")),
+            kafka_consume=_flag(env.get("KAFKA_CONSUME"), True),
+            max_attempts=int(env.get("MAX_ATTEMPTS", "3")),
+            redis_url=env.get("REDIS_URL") or None,
+            redis_namespace=env.get("REDIS_NAMESPACE") or "imagegen",
+            job_ttl_seconds=int(env.get("JOB_TTL_SECONDS", str(SECONDS_PER_DAY))),
+            s3_endpoint_url=env.get("S3_ENDPOINT_URL") or (
+                f"https://{account}.r2.cloudflarestorage.com" if account else None),
+            r2_access_key_id=env.get("R2_ACCESS_KEY_ID") or None,
+            r2_secret_access_key=env.get("R2_SECRET_ACCESS_KEY") or None,
+            r2_bucket=env.get("R2_BUCKET") or None,
+            r2_public_base_url=env.get("R2_PUBLIC_BASE_URL") or None,
+            presign_seconds=int(env.get("R2_PRESIGN_SECONDS", str(7 * SECONDS_PER_DAY))),
+            worker_name=env.get("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        )
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.r2_bucket and self.s3_endpoint_url)
+
+    def secrets(self) -> list[str]:
+        """Values that must never be shown (tests scan every output for them)."""
+        return [v for v in (self.kafka_sasl_password, self.r2_secret_access_key, self.r2_access_key_id,
+                            _url_password(self.redis_url)) if v]
+
+    def problems(self) -> list[str]:
+        """Configuration mistakes worth stopping for, in words an operator can act on."""
+        problems = []
+        if self.kafka_bootstrap_servers and not self.redis_url:
+            problems.append("KAFKA_BOOTSTRAP_SERVERS is set but REDIS_URL is not: the fleet keeps job state in "
+                            "Redis so that any Space can answer for any job; set REDIS_URL too")
+        if self.r2_bucket and not self.s3_endpoint_url:
+            problems.append("R2_BUCKET is set but neither R2_ACCOUNT_ID nor S3_ENDPOINT_URL is")
+        if self.r2_bucket and not (self.r2_access_key_id and self.r2_secret_access_key):
+            problems.append("R2_BUCKET is set but R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY are missing")
+        return problems
+
+
+def _url_password(url: str | None) -> str | None:
+    return urlsplit(url).password if url else None
 
 
 @dataclass(frozen=True)
@@ -65,6 +153,7 @@ class Settings:
     cache_ttl_seconds: int = 7 * SECONDS_PER_DAY
     request_timeout_seconds: float = 900.0
     log_level: str = "INFO"
+    fleet: FleetSettings = field(default_factory=FleetSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -87,6 +176,7 @@ class Settings:
             cache_ttl_seconds=int(env.get("CACHE_TTL_SECONDS", str(7 * SECONDS_PER_DAY))),
             request_timeout_seconds=float(env.get("REQUEST_TIMEOUT_SECONDS", "900")),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            fleet=FleetSettings.from_env(env),
         )
 
     @property
@@ -101,24 +191,52 @@ class Settings:
 class Services:
     settings: Settings
     pipeline: Any  # inference.pipeline.ImagePipeline (imported lazily: torch is heavy)
-    identity: Any
+    identity: ModelIdentity
     objects: Any
+    cache: Any
     jobs: Any
-    worker: Any
+    worker: Worker
     queue: Any
-    gateway: Any
+    gateway: Gateway
+    consumer: Any = None  # KafkaWorkerLoop when Kafka is configured and this process consumes
+    heartbeat: Any = None
+    fleet: Any = None  # RedisFleet
+    endpoints: list = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
 
     def start(self) -> None:
+        self.unreachable = check_all(self.endpoints)
+        for problem in self.unreachable:
+            logger.error("%s", problem)
         self.pipeline.start_loading()
         self.queue.start()
+        if self.consumer is not None:
+            self.consumer.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
 
     def stop(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.queue.stop()
 
+    def recheck(self) -> list[str]:
+        self.unreachable = check_all(self.endpoints, timeout=1.0)
+        return self.unreachable
+
+    def describe_worker(self) -> dict[str, Any]:
+        """This worker as the fleet sees it (heartbeat)."""
+        return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
+                "state": self.pipeline.state, "generations": self.worker.generations,
+                "mean_seconds": round(self.worker.mean_seconds, 2),
+                "request_id": self.consumer.current_request_id if self.consumer else None}
+
     def health(self) -> dict[str, Any]:
-        """Safe to show anyone: states and names, never credentials."""
+        """Safe to show anyone: states, names and host:port, never credentials."""
         pipeline = self.pipeline
-        return {
+        health = {
             "status": {"ready": "ok", "failed": "failed"}.get(pipeline.state, "starting"),
             "model": {
                 "state": pipeline.state,
@@ -131,30 +249,127 @@ class Services:
                 "load_seconds": pipeline.load_seconds,
             },
             "queue": {
+                "kind": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "local",
                 "depth": self.queue.depth(),
                 "max_size": self.queue.max_size,
-                "running": self.queue.running_id is not None,
+                "running": (self.consumer.current_request_id if self.consumer else self.queue.running_id)
+                is not None,
             },
+            "backends": {
+                "queue": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "in-process",
+                "cache": "redis" if self.settings.fleet.redis_url else "in-memory",
+                "objects": "s3" if self.settings.fleet.uses_s3 else "local folder",
+            },
+            "unreachable": self.unreachable,
+            "worker": self.settings.fleet.worker_name,
             "generations": self.worker.generations,
         }
+        if self.fleet is not None:
+            health["fleet"] = {"workers": _safe(self.fleet.workers, [])}
+        return health
 
 
-def build_services(settings: Settings) -> Services:
+def _safe(call, default):
+    try:
+        return call()
+    except Exception:  # a health page must answer even when a backend is down
+        return default
+
+
+def build_services(settings: Settings, worker_only: bool = False) -> Services:
     from inference.pipeline import ImagePipeline, LoadOptions, pick_device  # torch: only when building
 
+    fleet = settings.fleet
+    problems = fleet.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     preset_name = settings.preset
     if preset_name == "auto":
         preset_name = DEFAULT_GPU_PRESET if pick_device(settings.device) == "cuda" else DEFAULT_CPU_PRESET
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
-    objects = LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
-    cache = MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds)
-    jobs = MemoryJobStore()
-    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects)
-    queue = LocalQueue(worker.handle, settings.queue_max_size)
-    gateway = Gateway(identity, cache, jobs, queue, worker)
-    return Services(settings, pipeline, identity, objects, jobs, worker, queue, gateway)
+    objects = _object_store(settings)
+    cache, jobs, redis_fleet = _stores(settings)
+    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name)
+    endpoints = _endpoints(fleet)
+    if not fleet.kafka_bootstrap_servers:
+        queue = LocalQueue(worker.handle, settings.queue_max_size)
+        gateway = Gateway(identity, cache, jobs, objects, queue, inflight=worker)
+        return Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway,
+                        fleet=redis_fleet, endpoints=endpoints)
+    return _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
+                           consume=fleet.kafka_consume or worker_only)
+
+
+def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
+                    consume: bool) -> Services:
+    from queueing.fleet import FleetBacklog, Heartbeat
+    from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, ensure_topics, make_producer
+
+    kafka = _kafka_settings(settings.fleet)
+    try:
+        ensure_topics(kafka)
+        producer = make_producer(kafka)
+    except Exception as error:
+        raise ConnectionError(f"Kafka at {settings.fleet.kafka_bootstrap_servers} could not be used "
+                              f"({type(error).__name__})") from None
+    queue = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, redis_fleet))
+    gateway = Gateway(identity, cache, jobs, objects, queue, inflight=None)
+    services = Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway,
+                        fleet=redis_fleet, endpoints=endpoints)
+    if consume:
+        services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer)
+        services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker)
+    return services
+
+
+def _kafka_settings(fleet: FleetSettings):
+    from queueing.kafka import KafkaSettings
+
+    return KafkaSettings(
+        bootstrap_servers=fleet.kafka_bootstrap_servers, topic_prefix=fleet.kafka_topic_prefix,
+        group_id=fleet.kafka_group_id, security_protocol=fleet.kafka_security_protocol,
+        sasl_mechanism=fleet.kafka_sasl_mechanism, sasl_username=fleet.kafka_sasl_username,
+        sasl_password=fleet.kafka_sasl_password, partitions=fleet.kafka_partitions,
+        max_poll_interval_ms=fleet.kafka_max_poll_interval_ms, session_timeout_ms=fleet.kafka_session_timeout_ms,
+        max_attempts=fleet.max_attempts)
+
+
+def _object_store(settings: Settings):
+    fleet = settings.fleet
+    if not fleet.uses_s3:
+        return LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
+    from storage.s3 import S3ObjectStore, make_s3_client
+
+    client = make_s3_client(fleet.s3_endpoint_url, fleet.r2_access_key_id, fleet.r2_secret_access_key)
+    return S3ObjectStore(client, fleet.r2_bucket, fleet.r2_public_base_url, fleet.presign_seconds)
+
+
+def _stores(settings: Settings):
+    fleet = settings.fleet
+    if not fleet.redis_url:
+        return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None)
+    import redis
+
+    from storage.redis_store import RedisFleet, RedisJobStore, RedisResultCache
+
+    client = redis.Redis.from_url(fleet.redis_url, socket_timeout=5, socket_connect_timeout=3,
+                                  health_check_interval=30, retry_on_timeout=True)
+    return (RedisResultCache(client, fleet.redis_namespace, settings.cache_ttl_seconds),
+            RedisJobStore(client, fleet.redis_namespace, fleet.job_ttl_seconds),
+            RedisFleet(client, fleet.redis_namespace))
+
+
+def _endpoints(fleet: FleetSettings) -> list:
+    endpoints = []
+    if fleet.kafka_bootstrap_servers:
+        endpoints += kafka_endpoints(fleet.kafka_bootstrap_servers)
+    if fleet.redis_url:
+        endpoints.append(url_endpoint("Redis", fleet.redis_url, 6379))
+    if fleet.uses_s3:
+        endpoints.append(url_endpoint("R2/S3", fleet.s3_endpoint_url, 80))
+    return endpoints
 
 
 # ---- Gradio handlers ------------------------------------------------------------------------------
@@ -207,10 +422,16 @@ class Handlers:
         if progress is None:
             return
         if job.state == "queued":
-            position = self.gateway.queue_position(job)
-            progress(None, desc=f"queued (position {position})" if position else "queued")
+            progress(None, desc=self._queued_text(job))
         elif job.state == "running" and job.total_steps:
             progress((job.step, job.total_steps), desc="generating", unit="steps")
+
+    def _queued_text(self, job) -> str:
+        position = self.gateway.queue_position(job)
+        if position:
+            return f"queued (position {position})"
+        estimate = self.services.queue.wait_estimate()
+        return f"queued: {estimate['backlog']} ahead in the fleet, about {estimate['estimated_wait_s']:.0f} s"
 
     def _image_file(self, result: dict[str, Any]) -> str:
         objects = self.services.objects
@@ -249,6 +470,8 @@ class Handlers:
             text = f"⚠️ Model failed to load: {pipeline.error}"
         else:
             text = f"⏳ Model {pipeline.state}: {pipeline.detail} — requests are queued meanwhile."
+        for problem in self.services.unreachable:
+            text += f"\n\n⚠️ {problem}"
         return text, gr.Timer(active=not ready and pipeline.state != "failed")
 
 
@@ -380,16 +603,41 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def run_worker(services: Services) -> int:
+    """Headless fleet member (`python app.py --worker`): consumes the request topic, no UI."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    services.start()
+    logger.info("worker %s consuming %s.requests", services.settings.fleet.worker_name,
+                services.settings.fleet.kafka_topic_prefix)
+    exit_code = 0
+    while not stop.wait(0.5):
+        if services.pipeline.state == "failed":
+            logger.error("%s", services.pipeline.error)
+            exit_code = 2
+            break
+    services.stop()  # warm: the job in hand finishes and is committed before the group is left
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--worker", action="store_true",
+                        help="run only the Kafka consumer (no UI): a GPU or CPU machine joining the fleet")
+    args = parser.parse_args(argv)
     settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level)
+    if args.worker and not settings.fleet.kafka_bootstrap_servers:
+        logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS (and REDIS_URL): it serves the fleet's topic")
+        return 2
     try:
-        services = build_services(settings)
+        services = build_services(settings, worker_only=args.worker)
     except Exception as error:  # bad configuration (unknown preset...): one line, no traceback
         logger.error("%s", error)
         return 2
+    if args.worker:
+        return run_worker(services)
     services.start()
     return serve(services)
 

@@ -46,3 +46,9 @@ class GenerationFailed(GenerationError):
     """The pipeline raised while generating; may succeed on another attempt or worker."""
 
     retriable = True
+
+
+class QueueUnavailable(GenerationError):
+    """The shared request queue (Kafka) cannot take the request right now."""
+
+    retriable = True

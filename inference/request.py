@@ -185,6 +185,7 @@ class GenerationResult:
     steps: int
     preset: str
     model: str
+    worker: str = ""
     cached: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 

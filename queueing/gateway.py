@@ -14,6 +14,7 @@ from queueing.worker import Worker
 from storage.cache import ResultCache
 from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, Job, JobStore
 from storage.keys import fingerprint
+from storage.objects import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +26,20 @@ class RequestQueue(Protocol):
 
     def position(self, request_id: str) -> int | None: ...
 
+    def wait_estimate(self) -> dict[str, Any]:
+        """Backlog in front of new work and a rough wait in seconds, for status and the UI."""
+        ...
+
 
 class Gateway:
-    def __init__(
-        self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, queue: RequestQueue, worker: Worker
-    ) -> None:
-        self.identity, self.cache, self.jobs, self.queue, self.worker = identity, cache, jobs, queue, worker
+    """inflight: the local worker, when requests run in this process; it lets identical requests share
+    one generation. In the fleet (Kafka) it is None: identical requests share a partition instead, so
+    the second is a cache hit wherever it runs."""
+
+    def __init__(self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, objects: ObjectStore,
+                 queue: RequestQueue, inflight: Worker | None = None) -> None:
+        self.identity, self.cache, self.jobs, self.objects = identity, cache, jobs, objects
+        self.queue, self.inflight = queue, inflight
 
     def submit(self, request: GenerationRequest) -> Job:
         """Returns the request's job: done at once on a cache hit, else queued (or joined to an
@@ -45,10 +54,11 @@ class Gateway:
             return existing
         cached = self.cache.get(fp)
         if cached is not None:
-            return self._store_job(request, fp, state=DONE, result={**cached, "request_id": request.request_id,
-                                                                   "cached": True}, finished_at=time.time())
+            result = {**cached, "request_id": request.request_id, "cached": True,
+                      "url": self.objects.url_for(cached["object_key"])}  # fresh if presigned
+            return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time())
         job = self._store_job(request, fp, state=QUEUED)
-        if self.worker.join_or_lead(fp, request.request_id):
+        if self.inflight is None or self.inflight.join_or_lead(fp, request.request_id):
             self._enqueue(request, fp)
         logger.info("request %s queued (fingerprint %s)", request.request_id, fp[:12])
         return self.jobs.get(request.request_id) or job
@@ -71,7 +81,10 @@ class Gateway:
         try:
             self.queue.put(request)
         except QueueFull as error:
-            self.worker.abandon(fp, str(error))
+            if self.inflight is not None:
+                self.inflight.abandon(fp, str(error))
+            else:
+                self.jobs.update(request.request_id, state=FAILED, error=str(error), finished_at=time.time())
             raise
 
     def job(self, request_id: str) -> Job:
@@ -82,26 +95,38 @@ class Gateway:
 
     def status(self, request_id: str) -> dict[str, Any]:
         job = self.job(request_id)
-        return {
+        status = {
             "request_id": job.request_id,
             "state": job.state,
             "step": job.step,
             "total_steps": job.total_steps,
             "queue_position": self.queue_position(job),
+            "worker": job.worker or None,
+            "attempts": job.attempts,
             "result": job.result,
             "error": job.error,
         }
+        if not job.finished:
+            status.update(self.queue.wait_estimate())
+        return status
 
     def queue_position(self, job: Job) -> int | None:
         if job.finished:
             return None
-        leader = self.worker.group_leader(job.fingerprint) or job.request_id
+        leader = (self.inflight.group_leader(job.fingerprint) if self.inflight else None) or job.request_id
         return self.queue.position(leader)
 
     def cancel(self, request_id: str) -> dict[str, Any]:
         job = self.job(request_id)
-        if not job.finished:
-            self.worker.cancel(request_id)
+        if job.finished:
+            pass
+        elif self.inflight is not None:
+            self.inflight.cancel(request_id)
+        else:
+            # Whichever Space runs it sees the flag at its next step; a queued job ends now.
+            job = self.jobs.update(request_id, cancel_requested=True)
+            if job.state == QUEUED:
+                self.jobs.update(request_id, state=CANCELLED, error="cancelled by request", finished_at=time.time())
         return self.status(request_id)
 
     def follow(self, request_id: str, timeout: float, poll_seconds: float = 1.0) -> Iterator[Job]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from inference.errors import QueueFull
 from inference.request import GenerationRequest
@@ -22,6 +24,7 @@ class LocalQueue:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.running_id: str | None = None
+        self.mean_seconds = 10.0  # moving average of time per request, for wait estimates
 
     def put(self, request: GenerationRequest) -> None:
         with self._changed:
@@ -43,6 +46,10 @@ class LocalQueue:
                 if request.request_id == request_id:
                     return index + 1
         return None
+
+    def wait_estimate(self) -> dict[str, Any]:
+        backlog = self.depth() + (1 if self.running_id else 0)
+        return {"backlog": backlog, "workers": 1, "estimated_wait_s": round(backlog * self.mean_seconds, 1)}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="local-worker", daemon=True)
@@ -68,9 +75,11 @@ class LocalQueue:
 
     def _run(self) -> None:
         while (request := self._next()) is not None:
+            started = time.monotonic()
             try:
                 self._handler(request)
             finally:
                 self.running_id = None
+                self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.monotonic() - started)
         if self._waiting:
             logger.warning("stopped with %d requests still queued", len(self._waiting))

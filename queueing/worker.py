@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from inference.errors import Cancelled, GenerationError
+from inference.errors import Cancelled, GenerationError, GenerationFailed
 from inference.images import CONTENT_TYPES, encode, parameters_text
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest, GenerationResult
@@ -19,6 +19,10 @@ from storage.keys import fingerprint, object_key
 from storage.objects import ObjectStore
 
 logger = logging.getLogger(__name__)
+
+
+class RetryLater(Exception):
+    """A retriable failure with attempts left: the job is back to queued, the caller re-queues it."""
 
 
 class ImageGenerator(Protocol):
@@ -42,6 +46,7 @@ class Worker:
         self.generator, self.identity, self.sampler_label = generator, identity, sampler_label
         self.cache, self.jobs, self.objects, self.name = cache, jobs, objects, name
         self.generations = 0  # pipeline calls made, for tests and metrics
+        self.mean_seconds = 10.0  # moving average of generation time, for fleet wait estimates
         self._groups: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
@@ -79,7 +84,9 @@ class Worker:
             self.jobs.update(request_id, state=CANCELLED, finished_at=time.time(), error="cancelled by request")
 
     # ---- the one path ------------------------------------------------------------------------
-    def handle(self, request: GenerationRequest) -> None:
+    def handle(self, request: GenerationRequest, final_attempt: bool = True) -> None:
+        """Leaves the job (and every identical job grouped with it) done, failed or cancelled;
+        or, for a retriable failure when final_attempt is False, queued again and raises RetryLater."""
         fp = fingerprint(request, self.identity)
         self.join_or_lead(fp, request.request_id)
         try:
@@ -88,6 +95,9 @@ class Worker:
             self._finish_group(fp, CANCELLED, error=str(error))
         except GenerationError as error:
             logger.warning("request %s failed: %s", request.request_id, error)
+            if error.retriable and not final_attempt:
+                self._requeue_group(fp, f"an attempt failed ({error}); retrying")
+                raise RetryLater(str(error)) from error
             self._finish_group(fp, FAILED, error=str(error))
         except Exception as error:  # never let one bad request kill the worker thread
             logger.exception("request %s crashed", request.request_id)
@@ -96,9 +106,14 @@ class Worker:
     def _handle_group(self, request: GenerationRequest, fp: str) -> None:
         if self._all_cancelled(fp):
             raise Cancelled(f"request {request.request_id} was cancelled before it started")
+        if request.preset != self.identity.preset:  # another worker of the fleet may serve it
+            raise GenerationFailed(f"preset {request.preset!r} is not served by worker {self.name} "
+                                   f"(it serves {self.identity.preset!r})")
         cached = self.cache.get(fp)
         if cached is not None:
-            self._finish_group(fp, DONE, result={**cached, "cached": True})
+            # Re-sign: a presigned URL stored with the entry may have expired since.
+            url = self.objects.url_for(cached["object_key"])
+            self._finish_group(fp, DONE, result={**cached, "url": url, "cached": True})
             return
         self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
                          started_at=time.time())
@@ -115,6 +130,7 @@ class Worker:
             should_cancel=lambda: self._all_cancelled(fp),
         )
         generated = time.perf_counter()
+        self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * (generated - started)
         data = encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
         key = object_key(fp, request.output_format)
         url = self.objects.put(key, data, CONTENT_TYPES[request.output_format])
@@ -123,7 +139,7 @@ class Worker:
         return GenerationResult(
             request_id=request.request_id, fingerprint=fp, seed=request.seed, url=url, object_key=key,
             content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
-            steps=request.steps, preset=request.preset, model=self.identity.model_id,
+            steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.name,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
 
@@ -141,6 +157,14 @@ class Worker:
             job = self.jobs.get(member)
             if job is not None and not job.finished:
                 self.jobs.update(member, **changes)
+
+    def _requeue_group(self, fp: str, note: str) -> None:
+        with self._lock:
+            members = self._groups.pop(fp, [])
+        for member in members:
+            job = self.jobs.get(member)
+            if job is not None and not job.finished:
+                self.jobs.update(member, state=QUEUED, step=0, error=note)
 
     def _finish_group(self, fp: str, state: str, result: dict | None = None, error: str | None = None) -> None:
         with self._lock:

@@ -18,3 +18,26 @@ def fingerprint(request: GenerationRequest, model: ModelIdentity) -> str:
 def object_key(fingerprint_: str, output_format: str) -> str:
     """Content-addressed, with a 2-hex-digit prefix so no folder or listing grows too large."""
     return f"images/{fingerprint_[:2]}/{fingerprint_}.{output_format}"
+
+
+def routing_key(request: GenerationRequest) -> str:
+    """Kafka message key: identical requests land on one partition, so one consumer takes them in
+    turn and the second is a cache hit. Model-free, so producers outside the fleet can compute it."""
+    return sha256_hex(request.pixel_fields())
+
+
+# Redis key names, all under one namespace so several fleets can share a database.
+def result_key(namespace: str, fingerprint_: str) -> str:
+    return f"{namespace}:result:{fingerprint_}"
+
+
+def job_key(namespace: str, request_id: str) -> str:
+    return f"{namespace}:job:{request_id}"
+
+
+def job_channel(namespace: str, request_id: str) -> str:
+    return f"{namespace}:job-events:{request_id}"
+
+
+def worker_key(namespace: str, worker: str) -> str:
+    return f"{namespace}:worker:{worker}"

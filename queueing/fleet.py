@@ -1,0 +1,85 @@
+"""What the fleet looks like from any one Space: live workers (heartbeats) and the backlog (lag)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from queueing.kafka import KafkaSettings
+from storage.redis_store import RedisFleet
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Announces this worker in Redis every few seconds; the entry expires if the process dies."""
+
+    def __init__(self, fleet: RedisFleet, name: str, describe: Callable[[], dict[str, Any]],
+                 interval: float = 5.0) -> None:
+        self.fleet, self.name, self.describe, self.interval = fleet, name, describe, interval
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.fleet.beat(self.name, self.describe())
+            except Exception as error:  # Redis away: the fleet view degrades, the worker goes on
+                logger.warning("heartbeat failed: %s", type(error).__name__)
+            self._stop.wait(self.interval)
+
+
+class FleetBacklog:
+    """Consumer lag of the request topic (messages not yet committed by the group), cached briefly."""
+
+    def __init__(self, settings: KafkaSettings, fleet: RedisFleet | None, cache_seconds: float = 3.0) -> None:
+        self.settings, self.fleet, self.cache_seconds = settings, fleet, cache_seconds
+        self._lag, self._at = 0, 0.0
+        self._lock = threading.Lock()
+        self._admin: KafkaAdminClient | None = None
+        self._consumer: KafkaConsumer | None = None
+
+    def lag(self) -> int:
+        with self._lock:
+            if time.monotonic() - self._at > self.cache_seconds:
+                try:
+                    self._lag = self._measure()
+                except KafkaError as error:
+                    logger.warning("could not measure the backlog: %s", type(error).__name__)
+                self._at = time.monotonic()
+            return self._lag
+
+    def _measure(self) -> int:
+        if self._admin is None:
+            self._admin = KafkaAdminClient(**self.settings.client_options())
+            self._consumer = KafkaConsumer(**self.settings.client_options())
+        topic = self.settings.requests_topic
+        partitions = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]
+        ends = self._consumer.end_offsets(partitions)
+        committed = self._admin.list_group_offsets({self.settings.group_id: None}).get(self.settings.group_id, {})
+        return sum(max(0, end - _offset(committed.get(tp))) for tp, end in ends.items())
+
+    def estimate(self) -> dict[str, Any]:
+        workers = self.fleet.workers() if self.fleet else []
+        seconds = [w.get("mean_seconds", 10.0) for w in workers] or [10.0]
+        lag = self.lag()
+        per_request = sum(seconds) / len(seconds)
+        return {"backlog": lag, "workers": len(workers),
+                "estimated_wait_s": round(lag * per_request / max(1, len(workers)), 1)}
+
+
+def _offset(committed: Any) -> int:
+    if committed is None:
+        return 0
+    return getattr(committed, "offset", committed) if not isinstance(committed, int) else committed

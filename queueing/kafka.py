@@ -1,0 +1,274 @@
+"""Kafka: the fleet's shared request topic, its results topic and its dead-letter topic.
+
+Every app process runs a KafkaWorkerLoop, a member of one consumer group, so cloning the Space adds
+capacity. Delivery is at least once: the offset is committed only after the result is stored and
+published, and a request id already done is not redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+
+from inference.errors import QueueUnavailable
+from inference.request import GenerationRequest
+from queueing.messages import (
+    MalformedMessage,
+    decode_request,
+    encode_dead_letter,
+    encode_request,
+    encode_result,
+)
+from queueing.worker import RetryLater, Worker
+from storage.jobs import CANCELLED, DONE, FAILED, Job, JobStore
+from storage.keys import fingerprint, routing_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    topic_prefix: str = "image_generation"
+    group_id: str = "image_generation-workers"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    partitions: int = 12
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 45_000
+    max_attempts: int = 3
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.topic_prefix}.requests"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}.results"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    def client_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(","),
+                                   "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        return options
+
+
+def ensure_topics(settings: KafkaSettings) -> None:
+    """Create the three topics when missing (enough partitions for many workers to share)."""
+    admin = KafkaAdminClient(**settings.client_options())
+    try:
+        for topic in (settings.requests_topic, settings.results_topic, settings.dlq_topic):
+            try:
+                admin.create_topics([NewTopic(topic, settings.partitions, 1)])
+                logger.info("created topic %s with %d partitions", topic, settings.partitions)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def make_producer(settings: KafkaSettings) -> KafkaProducer:
+    # acks=all: a request counts as accepted only once every in-sync replica has it.
+    return KafkaProducer(acks="all", retries=5, linger_ms=0, **settings.client_options())
+
+
+class KafkaRequestQueue:
+    """The gateway's queue in the fleet: requests go to the shared topic; any worker may take them."""
+
+    running_id = None
+
+    def __init__(self, settings: KafkaSettings, producer: KafkaProducer, backlog: Any) -> None:
+        self.settings, self.producer, self.backlog = settings, producer, backlog
+        self.max_size = 0  # bounded by the fleet's capacity, not by this process
+
+    def put(self, request: GenerationRequest) -> None:
+        try:
+            self.producer.send(self.settings.requests_topic, key=routing_key(request).encode(),
+                               value=encode_request(request)).get(timeout=15)
+        except KafkaError as error:
+            raise QueueUnavailable(f"the request queue (Kafka) did not accept the request: "
+                                   f"{type(error).__name__}; try again shortly") from error
+
+    def depth(self) -> int:
+        return self.backlog.lag()
+
+    def position(self, request_id: str) -> int | None:
+        return None  # the topic has no per-request position; wait_estimate gives the fleet's backlog
+
+    def wait_estimate(self) -> dict[str, Any]:
+        return self.backlog.estimate()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.producer.flush(timeout)
+
+
+class KafkaWorkerLoop:
+    """One consumer-group member. While a job runs (on a separate thread) it keeps polling with
+    its partitions paused, so a minutes-long CPU job never trips max_poll_interval_ms."""
+
+    def __init__(self, settings: KafkaSettings, worker: Worker, jobs: JobStore, producer: KafkaProducer) -> None:
+        self.settings, self.worker, self.jobs, self.producer = settings, worker, jobs, producer
+        self.current_request_id: str | None = None
+        self.connected = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kafka-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Warm shutdown: the job in hand finishes and is committed, then the group is left cleanly."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _connect(self) -> KafkaConsumer | None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                consumer = KafkaConsumer(
+                    self.settings.requests_topic, group_id=self.settings.group_id, enable_auto_commit=False,
+                    auto_offset_reset="earliest", max_poll_records=1,
+                    max_poll_interval_ms=self.settings.max_poll_interval_ms,
+                    session_timeout_ms=self.settings.session_timeout_ms,
+                    heartbeat_interval_ms=max(1000, self.settings.session_timeout_ms // 4),
+                    client_id=self.worker.name, **self.settings.client_options())
+                self.connected = True
+                return consumer
+            except KafkaError as error:
+                logger.warning("Kafka unreachable (%s); retrying in %.0f s", type(error).__name__, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        return None
+
+    def _run(self) -> None:
+        consumer = self._connect()
+        if consumer is None:
+            return
+        try:
+            while not self._stop.is_set():
+                for partition, messages in consumer.poll(timeout_ms=500, max_records=1).items():
+                    for message in messages:
+                        self._process(consumer, partition, message)
+        except Exception:
+            logger.exception("Kafka worker loop crashed")
+        finally:
+            consumer.close()  # leaves the group now, so its partitions move without a session timeout
+            self.connected = False
+
+    def _process(self, consumer: KafkaConsumer, partition: TopicPartition, message) -> None:
+        consumer.pause(*consumer.assignment())
+        done = threading.Event()
+        thread = threading.Thread(target=self._handle_then_set, args=(message, done), name="generate", daemon=True)
+        thread.start()
+        while not done.wait(0.2):
+            self._poll_paused(consumer)
+        consumer.resume(*consumer.assignment())
+        try:
+            consumer.commit({partition: OffsetAndMetadata(message.offset + 1, "", -1)})
+        except CommitFailedError:
+            # The partition moved during a rebalance; its new owner will find the job done.
+            logger.warning("could not commit offset %d of %s (partition reassigned)", message.offset, partition)
+
+    def _poll_paused(self, consumer: KafkaConsumer) -> None:
+        """Keeps group membership alive. A rebalance may hand back partitions unpaused: anything they
+        return is put back (seek) untouched, and everything is paused again."""
+        records = consumer.poll(timeout_ms=100)
+        for partition, messages in records.items():
+            consumer.seek(partition, messages[0].offset)
+        if records or consumer.assignment() - consumer.paused():
+            consumer.pause(*consumer.assignment())
+
+    def _handle_then_set(self, message, done: threading.Event) -> None:
+        try:
+            self.handle_message(message.value, message.key)
+        except Exception:
+            logger.exception("unexpected error handling offset %d", message.offset)
+        finally:
+            done.set()
+
+    def handle_message(self, raw: bytes | None, key: bytes | None = None) -> None:
+        try:
+            envelope = decode_request(raw)
+        except MalformedMessage as error:
+            logger.warning("malformed message sent to the dead-letter topic: %s", error)
+            self._dead_letter(raw, key, str(error))
+            return
+        request = envelope.request
+        job = self._job_for(request)
+        if job.state == DONE:
+            self._publish_result(job)  # a redelivery: the client may have missed the first one
+            return
+        if job.state == CANCELLED or job.cancel_requested:
+            self._finish_cancelled(job)
+            return
+        self._attempt(request, job, raw, key)
+
+    def _job_for(self, request: GenerationRequest) -> Job:
+        fp = fingerprint(request, self.worker.identity)
+        # Producers outside the app (the game backend) create no job: make it here.
+        return self.jobs.create(Job(request_id=request.request_id, fingerprint=fp, total_steps=request.steps,
+                                    request=request.to_dict()))
+
+    def _attempt(self, request: GenerationRequest, job: Job, raw: bytes | None, key: bytes | None) -> None:
+        attempts = job.attempts + 1
+        job = self.jobs.update(request.request_id, attempts=attempts)
+        if attempts > self.settings.max_attempts:  # earlier attempts died with their worker
+            self._give_up(request, raw, key, attempts, job.error or "the worker stopped during every attempt")
+            return
+        self.current_request_id = request.request_id
+        try:
+            self.worker.handle(request, final_attempt=attempts >= self.settings.max_attempts)
+        except RetryLater:
+            self.producer.send(self.settings.requests_topic, key=key, value=raw).get(timeout=15)
+            return
+        finally:
+            self.current_request_id = None
+        job = self.jobs.get(request.request_id) or job
+        if job.state == FAILED:  # final: out of attempts, or an error that retrying cannot fix
+            self._dead_letter(raw, key, job.error or "failed", attempts, request.request_id)
+            job = self.jobs.update(request.request_id, error=(
+                f"{job.error} (attempt {attempts} of {self.settings.max_attempts}; the request is in the "
+                f"dead-letter topic {self.settings.dlq_topic} for replay once the cause is fixed)"))
+        self._publish_result(job)
+
+    def _give_up(self, request: GenerationRequest, raw, key, attempts: int, last_error: str) -> None:
+        message = (f"failed after {attempts - 1} attempts: {last_error}. The request is in the dead-letter "
+                   f"topic {self.settings.dlq_topic}; fix the cause and replay it, or send it again.")
+        job = self.jobs.update(request.request_id, state=FAILED, error=message, finished_at=time.time())
+        self._dead_letter(raw, key, last_error, attempts - 1, request.request_id)
+        self._publish_result(job)
+
+    def _finish_cancelled(self, job: Job) -> None:
+        if not job.finished:
+            job = self.jobs.update(job.request_id, state=CANCELLED, error="cancelled by request",
+                                   finished_at=time.time())
+        self._publish_result(job)
+
+    def _publish_result(self, job: Job) -> None:
+        self.producer.send(self.settings.results_topic, key=job.request_id.encode(),
+                           value=encode_result(job.request_id, job.state, job.result, job.error)).get(timeout=15)
+
+    def _dead_letter(self, raw, key, reason: str, attempts: int = 0, request_id: str | None = None) -> None:
+        self.producer.send(self.settings.dlq_topic, key=key,
+                           value=encode_dead_letter(raw, reason, self.worker.name, attempts, request_id)
+                           ).get(timeout=15)

@@ -1,0 +1,77 @@
+"""Wire format of the Kafka topics: versioned JSON, decoded into the one request type."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inference.errors import InvalidRequest
+from inference.request import GenerationRequest
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024  # a valid request is < 10 KB; anything far larger is abuse or a bug
+
+
+class MalformedMessage(ValueError):
+    """The message cannot become a request; the reason goes to the dead-letter topic."""
+
+
+@dataclass(frozen=True)
+class RequestEnvelope:
+    request: GenerationRequest
+    attempt: int = 1
+    submitted_at: float = 0.0
+
+
+def encode_request(request: GenerationRequest, attempt: int = 1, submitted_at: float | None = None) -> bytes:
+    return json.dumps({"v": VERSION, "request": request.to_dict(), "attempt": attempt,
+                       "submitted_at": submitted_at or time.time()}).encode()
+
+
+def decode_request(raw: bytes | None) -> RequestEnvelope:
+    if raw is None:
+        raise MalformedMessage("empty message")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"message is {len(raw)} bytes; at most {MAX_MESSAGE_BYTES} allowed")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MalformedMessage(f"not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"expected a JSON object, got {type(data).__name__}")
+    if data.get("v") != VERSION:
+        raise MalformedMessage(f"unknown message version {data.get('v')!r}; this worker reads version {VERSION}")
+    attempt = data.get("attempt", 1)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise MalformedMessage(f"attempt must be a positive integer, got {attempt!r}")
+    try:
+        request = GenerationRequest.from_dict(data.get("request"))
+    except InvalidRequest as error:
+        raise MalformedMessage(f"invalid request: {error}") from None
+    submitted_at = data.get("submitted_at")
+    return RequestEnvelope(request, attempt, submitted_at if isinstance(submitted_at, int | float) else 0.0)
+
+
+def encode_result(request_id: str, state: str, result: dict | None, error: str | None) -> bytes:
+    return json.dumps({"v": VERSION, "request_id": request_id, "state": state, "result": result,
+                       "error": error}).encode()
+
+
+def decode_result(raw: bytes) -> dict[str, Any]:
+    return json.loads(raw)
+
+
+def encode_dead_letter(raw: bytes | None, reason: str, worker: str, attempts: int = 0,
+                       request_id: str | None = None) -> bytes:
+    """Keeps the original bytes (as text when they are UTF-8, else base64) so it can be replayed."""
+    original: dict[str, str] = {}
+    if raw is not None:
+        try:
+            original = {"text": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            original = {"base64": base64.b64encode(raw).decode()}
+    return json.dumps({"v": VERSION, "reason": reason, "worker": worker, "attempts": attempts,
+                       "request_id": request_id, "failed_at": time.time(), "original": original}).encode()
