@@ -75,6 +75,7 @@ class FleetSettings:
     r2_public_base_url: str | None = None
     presign_seconds: int = 7 * SECONDS_PER_DAY
     worker_name: str = ""
+    heartbeat_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
@@ -104,6 +105,7 @@ class FleetSettings:
             r2_public_base_url=env.get("R2_PUBLIC_BASE_URL") or None,
             presign_seconds=int(env.get("R2_PRESIGN_SECONDS", str(7 * SECONDS_PER_DAY))),
             worker_name=env.get("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", "5")),
         )
 
     @property
@@ -231,7 +233,8 @@ class Services:
         return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
                 "state": self.pipeline.state, "generations": self.worker.generations,
                 "mean_seconds": round(self.worker.mean_seconds, 2),
-                "request_id": self.consumer.current_request_id if self.consumer else None}
+                "request_id": self.consumer.current_request_id if self.consumer else None,
+                "partitions": self.consumer.assigned if self.consumer else 0}
 
     def health(self) -> dict[str, Any]:
         """Safe to show anyone: states, names and host:port, never credentials."""
@@ -320,7 +323,8 @@ def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, 
                         fleet=redis_fleet, endpoints=endpoints)
     if consume:
         services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer)
-        services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker)
+        services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker,
+                                       settings.fleet.heartbeat_seconds)
     return services
 
 

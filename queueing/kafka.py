@@ -128,6 +128,7 @@ class KafkaWorkerLoop:
         self.settings, self.worker, self.jobs, self.producer = settings, worker, jobs, producer
         self.current_request_id: str | None = None
         self.connected = False
+        self.assigned = 0  # partitions held, for heartbeats
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -166,7 +167,9 @@ class KafkaWorkerLoop:
             return
         try:
             while not self._stop.is_set():
-                for partition, messages in consumer.poll(timeout_ms=500, max_records=1).items():
+                records = consumer.poll(timeout_ms=500, max_records=1)
+                self.assigned = len(consumer.assignment())
+                for partition, messages in records.items():
                     for message in messages:
                         self._process(consumer, partition, message)
         except Exception:

