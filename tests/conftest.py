@@ -72,12 +72,16 @@ def app_env(tiny_model: TinyModel, port: int, output_dir: Path, **extra: str) ->
 
 def start_app(tiny_model: TinyModel, workdir: Path, timeout: float = 120.0, **extra: str) -> RunningApp:
     port = free_port()
-    log_path = workdir / "app.log"
-    env = app_env(tiny_model, port, workdir / "outputs", **extra)
+    return launch_app(app_env(tiny_model, port, workdir / "outputs", **extra), workdir, timeout)
+
+
+def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name: str = "app") -> RunningApp:
+    """`python app.py` with env; returns once /healthz says ok."""
+    log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
-    app = RunningApp(f"http://127.0.0.1:{port}", workdir / "outputs", log_path, process)
+    app = RunningApp(f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}", Path(env["OUTPUT_DIR"]), log_path, process)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -145,6 +145,13 @@ class Fleet:
         self.processes[name] = process
         return process
 
+    def start_app(self, name: str, **extra: str):
+        from tests.conftest import launch_app
+
+        app = launch_app(self.env(WORKER_NAME=name, **extra), self.workdir, name=name)
+        self.processes[name] = app.process
+        return app
+
     def kill(self, name: str) -> None:
         self.processes[name].send_signal(signal.SIGKILL)
         self.processes[name].wait()

@@ -90,3 +90,92 @@ def test_stored_object_has_content_type_metadata_and_fetchable_url(fleet) -> Non
     from PIL import Image
 
     assert Image.open(io.BytesIO(data)).size == (256, 256)
+
+
+def _wait_status(client, request_id: str, predicate, timeout: float = 60.0) -> dict:
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        seen = client.predict(request_id=request_id, api_name="/status")
+        if predicate(seen):
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last status {seen}")
+
+
+def test_request_on_instance_a_is_generated_by_b_and_a_follows_it(fleet) -> None:
+    from gradio_client import Client
+
+    fleet.start_worker("b")
+    app_a = fleet.start_app("a", KAFKA_CONSUME="0")  # A serves the UI/API; its own worker is stopped
+    fleet.wait_for_workers(["b"])
+    client = Client(app_a.url, verbose=False)
+    slow = {"negative_prompt": "", "preset": "base", "width": 512, "height": 512, "steps": 30,
+            "guidance_scale": 5.0}
+    request_id = client.predict(prompt="a far-away forge", seed=8, request_id="", **slow, api_name="/submit")
+    running = _wait_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
+    assert running["worker"] == "b" and running["total_steps"] == 30
+    done = _wait_status(client, request_id, lambda s: s["state"] == "done")
+    assert done["result"]["worker"] == "b" and done["step"] == 30
+
+    # Another instance asking the same thing gets the cached image: no generation, the same object.
+    image_path, meta = client.predict(prompt="a far-away forge", seed=8, **slow, api_name="/generate")
+    assert meta["cached"] is True and meta["object_key"] == done["result"]["object_key"]
+    assert meta["url"].split("?")[0] == done["result"]["url"].split("?")[0]
+    redis_fleet, _ = fleet.redis_fleet()
+    time.sleep(1.5)
+    assert {w["worker"]: w["generations"] for w in redis_fleet.workers()} == {"b": 1}
+    with open(image_path, "rb") as handle:
+        assert handle.read() == fleet.s3.client.get_object(Bucket=fleet.bucket, Key=meta["object_key"])["Body"].read()
+
+
+def test_worker_killed_mid_generation_hands_the_request_to_another(fleet) -> None:
+    names = ["k1", "k2", "k3"]
+    for name in names:
+        fleet.start_worker(name)
+    fleet.wait_for_workers(names)
+    _, jobs = fleet.redis_fleet()
+    spare = 4
+    with fleet.client() as client:
+        for round_ in range(5):
+            request = _request(f"doomed tower {round_}", width=512, height=512, steps=24, seed=round_)
+            client.submit(request)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                job = jobs.get(request.request_id)
+                if job and job.state == "running" and job.step >= 1:
+                    break
+                time.sleep(0.05)
+            victim = job.worker
+            fleet.kill(victim)
+            replacement = f"k{spare}"
+            spare += 1
+            fleet.start_worker(replacement)
+            result = client.wait(request.request_id, timeout=120)
+            assert result["state"] == "done", result
+            assert result["result"]["worker"] != victim
+            assert jobs.get(request.request_id).attempts == 2
+    messages = [json.loads(m.value) for m in _topic_messages(fleet.bootstrap, f"{fleet.prefix}.results")]
+    outcomes = Counter((m["request_id"], m["state"]) for m in messages)
+    assert len(outcomes) == 5 and all(state == "done" for _, state in outcomes)
+
+
+def test_broker_restart_between_submit_and_consume_loses_nothing(tiny_model, tmp_path, redis_server,
+                                                                 s3_server) -> None:
+    from tests.services import Fleet, TansuBroker
+
+    # Always a broker of its own (even when KAFKA_BOOTSTRAP_SERVERS names one): it is restarted here,
+    # with the s3 storage engine so that its messages survive.
+    broker = TansuBroker(tmp_path, s3=s3_server)
+    fleet = Fleet(tiny_model, tmp_path, broker.bootstrap, redis_server.url, s3_server, s3_server.bucket())
+    try:
+        with fleet.client() as client:
+            request = _request("a request that outlives its broker", seed=77)
+            client.submit(request)
+            broker.stop()
+            broker.start()
+            fleet.start_worker("after-restart")
+            result = client.wait(request.request_id, timeout=180)
+        assert result["state"] == "done" and result["result"]["worker"] == "after-restart"
+    finally:
+        fleet.stop_all()
+        broker.stop()
