@@ -311,6 +311,9 @@ def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, 
     from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, ensure_topics, make_producer
 
     kafka = _kafka_settings(settings.fleet)
+    unreachable = check_all([e for e in endpoints if e.name == "Kafka"])
+    if unreachable:
+        raise ConnectionError("; ".join(unreachable))
     try:
         ensure_topics(kafka)
         producer = make_producer(kafka)

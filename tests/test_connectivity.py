@@ -1,0 +1,67 @@
+"""Startup self-check: unreachable backends are named (host:port, Spaces port rule), secrets never shown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+from queueing.connectivity import Endpoint, check, url_endpoint
+from tests.conftest import REPO_ROOT, app_env, free_port, get_json, start_app, stop_app
+
+SECRETS = {"REDIS_URL": "redis://default:TopSecretRedisPw@127.0.0.1:{redis}/0",
+           "KAFKA_SASL_PASSWORD": "TopSecretKafkaPw", "R2_ACCESS_KEY_ID": "AKIDTOPSECRETID",
+           "R2_SECRET_ACCESS_KEY": "TopSecretR2Key"}
+SECRET_VALUES = ("TopSecretRedisPw", "TopSecretKafkaPw", "AKIDTOPSECRETID", "TopSecretR2Key")
+
+
+def test_closed_port_is_named_with_the_spaces_rule() -> None:
+    port = free_port()
+    message = check(Endpoint("Redis", "127.0.0.1", port), timeout=1)
+    assert message.startswith(f"Redis unreachable at 127.0.0.1:{port}")
+    assert f"only on ports 80, 443 and 8080, so port {port} is blocked there" in message
+    assert check(Endpoint("R2/S3", "127.0.0.1", 443), timeout=1).endswith(")")  # 443 is allowed: no note
+
+
+def test_url_endpoints_drop_credentials() -> None:
+    assert url_endpoint("Redis", "rediss://u:pw@cache.example.com/0", 6379) == Endpoint("Redis", "cache.example.com", 6379)
+    assert url_endpoint("R2/S3", "https://acct.r2.cloudflarestorage.com", 80).port == 443
+
+
+def test_unreachable_redis_and_s3_are_reported_and_secrets_never_shown(tiny_model, tmp_path) -> None:
+    redis_port, s3_port = free_port(), free_port()
+    app = start_app(tiny_model, tmp_path, REDIS_URL=SECRETS["REDIS_URL"].format(redis=redis_port),
+                    S3_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", R2_BUCKET="images",
+                    R2_ACCESS_KEY_ID=SECRETS["R2_ACCESS_KEY_ID"], R2_SECRET_ACCESS_KEY=SECRETS["R2_SECRET_ACCESS_KEY"],
+                    KAFKA_SASL_PASSWORD=SECRETS["KAFKA_SASL_PASSWORD"])
+    try:
+        code, health = get_json(f"{app.url}/healthz")
+        assert code == 200
+        problems = " | ".join(health["unreachable"])
+        assert f"Redis unreachable at 127.0.0.1:{redis_port}" in problems
+        assert f"R2/S3 unreachable at 127.0.0.1:{s3_port}" in problems and "blocked there" in problems
+        assert health["backends"] == {"queue": "in-process", "cache": "redis", "objects": "s3"}
+        with urllib.request.urlopen(f"{app.url}/config", timeout=10) as response:
+            page_config = response.read().decode()
+        from gradio_client import Client
+
+        banner = Client(app.url, verbose=False)
+        shown = [json.dumps(health), page_config, app.log(), str(banner.view_api(print_info=False))]
+        for text in shown:
+            assert not any(secret in text for secret in SECRET_VALUES)
+        assert f"127.0.0.1:{redis_port}" in app.log()  # the log does say where
+    finally:
+        stop_app(app)
+
+
+def test_unreachable_kafka_stops_startup_with_the_reason(tiny_model, tmp_path) -> None:
+    port = free_port()
+    env = app_env(tiny_model, free_port(), tmp_path / "out", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}",
+                  REDIS_URL="redis://default:TopSecretRedisPw@127.0.0.1:1/0", KAFKA_SASL_MECHANISM="PLAIN",
+                  KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD=SECRETS["KAFKA_SASL_PASSWORD"])
+    run = subprocess.run([sys.executable, "app.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"Kafka unreachable at 127.0.0.1:{port}" in run.stderr and "blocked there" in run.stderr
+    assert not any(secret in run.stderr + run.stdout for secret in SECRET_VALUES)
