@@ -32,6 +32,8 @@ from storage.keys import fingerprint, routing_key
 
 logger = logging.getLogger(__name__)
 
+PAUSE_AFTER_SECONDS = 1.0  # well inside any max_poll_interval_ms; heartbeats run on their own thread
+
 
 @dataclass(frozen=True)
 class KafkaSettings:
@@ -148,7 +150,7 @@ class KafkaWorkerLoop:
             try:
                 consumer = KafkaConsumer(
                     self.settings.requests_topic, group_id=self.settings.group_id, enable_auto_commit=False,
-                    auto_offset_reset="earliest", max_poll_records=1,
+                    auto_offset_reset="earliest", max_poll_records=1, fetch_max_wait_ms=100,
                     max_poll_interval_ms=self.settings.max_poll_interval_ms,
                     session_timeout_ms=self.settings.session_timeout_ms,
                     heartbeat_interval_ms=max(1000, self.settings.session_timeout_ms // 4),
@@ -179,13 +181,17 @@ class KafkaWorkerLoop:
             self.connected = False
 
     def _process(self, consumer: KafkaConsumer, partition: TopicPartition, message) -> None:
-        consumer.pause(*consumer.assignment())
         done = threading.Event()
         thread = threading.Thread(target=self._handle_then_set, args=(message, done), name="generate", daemon=True)
         thread.start()
-        while not done.wait(0.2):
-            self._poll_paused(consumer)
-        consumer.resume(*consumer.assignment())
+        # Short jobs (cache hits, GPU renders) finish within the grace period without pausing: pausing
+        # drops the records already fetched, and each message would then cost a fetch round trip.
+        # Longer ones pause and keep polling, so max_poll_interval_ms never expires mid-job.
+        if not done.wait(PAUSE_AFTER_SECONDS):
+            consumer.pause(*consumer.assignment())
+            while not done.wait(0.1):
+                self._poll_paused(consumer)
+            consumer.resume(*consumer.assignment())
         try:
             consumer.commit({partition: OffsetAndMetadata(message.offset + 1, "", -1)})
         except CommitFailedError:
@@ -195,7 +201,7 @@ class KafkaWorkerLoop:
     def _poll_paused(self, consumer: KafkaConsumer) -> None:
         """Keeps group membership alive. A rebalance may hand back partitions unpaused: anything they
         return is put back (seek) untouched, and everything is paused again."""
-        records = consumer.poll(timeout_ms=100)
+        records = consumer.poll(timeout_ms=50)
         for partition, messages in records.items():
             consumer.seek(partition, messages[0].offset)
         if records or consumer.assignment() - consumer.paused():

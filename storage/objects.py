@@ -53,3 +53,36 @@ class LocalObjectStore:
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
         return path if path.exists() else None
+
+
+class LocallyCachedStore:
+    """A remote store with a local copy of every object this process wrote or read. Keys are
+    content-addressed and objects immutable, so a local copy never goes stale: the UI/API response
+    of a cache hit reads the disk instead of downloading the image again."""
+
+    def __init__(self, remote: ObjectStore, folder: Path) -> None:
+        self.remote = remote
+        self.local = LocalObjectStore(folder, "file://")
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        url = self.remote.put(key, data, content_type)
+        self.local.put(key, data, content_type)
+        return url
+
+    def get(self, key: str) -> bytes:
+        path = self.local.local_path(key)
+        if path is not None:
+            return path.read_bytes()
+        data = self.remote.get(key)
+        self.local.put(key, data, "")
+        return data
+
+    def url_for(self, key: str) -> str:
+        return self.remote.url_for(key)
+
+    def local_path(self, key: str) -> Path | None:
+        path = self.local.local_path(key)
+        if path is None:
+            self.get(key)
+            path = self.local.local_path(key)
+        return path
