@@ -292,8 +292,9 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
     objects = _object_store(settings)
-    cache, jobs, redis_fleet = _stores(settings)
-    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name)
+    cache, jobs, redis_fleet, claims = _stores(settings)
+    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name,
+                    claims=claims if fleet.kafka_bootstrap_servers else None)
     endpoints = _endpoints(fleet)
     if not fleet.kafka_bootstrap_servers:
         queue = LocalQueue(worker.handle, settings.queue_max_size)
@@ -356,16 +357,17 @@ def _object_store(settings: Settings):
 def _stores(settings: Settings):
     fleet = settings.fleet
     if not fleet.redis_url:
-        return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None)
+        return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None,
+                None)
     import redis
 
-    from storage.redis_store import RedisFleet, RedisJobStore, RedisResultCache
+    from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache
 
     client = redis.Redis.from_url(fleet.redis_url, socket_timeout=5, socket_connect_timeout=3,
                                   health_check_interval=30, retry_on_timeout=True)
     return (RedisResultCache(client, fleet.redis_namespace, settings.cache_ttl_seconds),
             RedisJobStore(client, fleet.redis_namespace, fleet.job_ttl_seconds),
-            RedisFleet(client, fleet.redis_namespace))
+            RedisFleet(client, fleet.redis_namespace), RedisClaims(client, fleet.redis_namespace))
 
 
 def _endpoints(fleet: FleetSettings) -> list:
@@ -413,9 +415,10 @@ class Handlers:
         started = time.perf_counter()
         request = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
         job = self._submit(request)
-        yield gr.skip(), gr.skip(), job.request_id  # lets the Cancel button find this job at once
-        for job in self.gateway.follow(job.request_id, self.services.settings.request_timeout_seconds):
-            self._show_progress(progress, job)
+        if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
+            yield gr.skip(), gr.skip(), job.request_id
+            for job in self.gateway.follow(job.request_id, self.services.settings.request_timeout_seconds):
+                self._show_progress(progress, job)
         if not job.finished:
             raise gr.Error(f"still running after {self.services.settings.request_timeout_seconds:.0f} s; "
                            f"ask /status with request_id {job.request_id}", title="Timeout")

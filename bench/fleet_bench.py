@@ -93,7 +93,7 @@ def _sleep_worker(bootstrap: str, prefix: str, redis_url: str, outdir: str, seco
     from queueing.kafka import KafkaSettings, KafkaWorkerLoop, make_producer
     from queueing.worker import Worker
     from storage.objects import LocalObjectStore
-    from storage.redis_store import RedisJobStore, RedisResultCache
+    from storage.redis_store import RedisClaims, RedisJobStore, RedisResultCache
 
     client = redis.Redis.from_url(redis_url)
     settings = KafkaSettings(bootstrap, topic_prefix=prefix, group_id=f"{prefix}.workers",
@@ -101,7 +101,8 @@ def _sleep_worker(bootstrap: str, prefix: str, redis_url: str, outdir: str, seco
     identity = ModelIdentity.resolve(get_preset("base"), "bench/simulated")
     jobs = RedisJobStore(client, prefix, 3600)
     worker = Worker(FixedTimeGenerator(seconds), identity, "Euler", RedisResultCache(client, prefix, 3600), jobs,
-                    LocalObjectStore(Path(outdir), "http://bench/outputs"), name=f"sim-{index}")
+                    LocalObjectStore(Path(outdir), "http://bench/outputs"), name=f"sim-{index}",
+                    claims=RedisClaims(client, prefix))
     loop = KafkaWorkerLoop(settings, worker, jobs, make_producer(settings))
     loop.start()
     while not stop.wait(0.1):

@@ -20,9 +20,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from inference.request import GenerationRequest
-from queueing.kafka import KafkaSettings, ensure_topics, make_producer
-from queueing.messages import decode_result, encode_request
-from storage.keys import routing_key
+from queueing.kafka import KafkaSettings, RequestSender, ensure_topics, make_producer
+from queueing.messages import decode_result
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ class BackendClient:
         self.settings = KafkaSettings(bootstrap_servers=bootstrap_servers, topic_prefix=topic_prefix, **kafka_options)
         ensure_topics(self.settings)
         self._producer: KafkaProducer = make_producer(self.settings)
+        self._sender = RequestSender(self.settings, self._producer)
         self._results = KafkaConsumer(enable_auto_commit=False, **self.settings.client_options())
         partitions = self._results.partitions_for_topic(self.settings.results_topic) or set()
         self._partitions = [TopicPartition(self.settings.results_topic, p) for p in sorted(partitions)]
@@ -45,8 +45,7 @@ class BackendClient:
 
     def submit(self, request: GenerationRequest) -> str:
         """Queue the request (acknowledged by all in-sync replicas) and return its request id."""
-        self._producer.send(self.settings.requests_topic, key=routing_key(request).encode(),
-                            value=encode_request(request)).get(timeout=30)
+        self._sender.send(request)
         return request.request_id
 
     def wait(self, request_id: str, timeout: float) -> dict[str, Any]:

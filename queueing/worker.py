@@ -42,9 +42,11 @@ class Worker:
         jobs: JobStore,
         objects: ObjectStore,
         name: str = "local",
+        claims: Any = None,
     ) -> None:
         self.generator, self.identity, self.sampler_label = generator, identity, sampler_label
         self.cache, self.jobs, self.objects, self.name = cache, jobs, objects, name
+        self.claims = claims  # RedisClaims in the fleet: identical requests on two workers run once
         self.generations = 0  # pipeline calls made, for tests and metrics
         self.mean_seconds = 10.0  # moving average of generation time, for fleet wait estimates
         self._groups: dict[str, list[str]] = {}
@@ -109,24 +111,48 @@ class Worker:
         if request.preset != self.identity.preset:  # another worker of the fleet may serve it
             raise GenerationFailed(f"preset {request.preset!r} is not served by worker {self.name} "
                                    f"(it serves {self.identity.preset!r})")
-        cached = self.cache.get(fp)
+        cached = self.cache.get(fp) or self._claim(request, fp)
         if cached is not None:
             # Re-sign: a presigned URL stored with the entry may have expired since.
             url = self.objects.url_for(cached["object_key"])
             self._finish_group(fp, DONE, result={**cached, "url": url, "cached": True})
             return
-        self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
-                         started_at=time.time())
-        result = self._generate_and_store(request, fp)
-        self.cache.put(fp, result)
+        try:
+            self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
+                             started_at=time.time())
+            result = self._generate_and_store(request, fp)
+            self.cache.put(fp, result)
+        finally:
+            if self.claims is not None:  # after the cache put: whoever waits finds the result
+                self.claims.release(fp, request.request_id)
         self._finish_group(fp, DONE, result=result)
+
+    def _claim(self, request: GenerationRequest, fp: str) -> dict[str, Any] | None:
+        """Holds the fleet-wide claim on fp and returns None, or returns the result that the request
+        holding it produced meanwhile."""
+        if self.claims is None:
+            return None
+        while True:
+            holder = self.claims.claim(fp, request.request_id)
+            # Checked after claiming too: the holder may have finished and released just before.
+            cached = self.cache.get(fp)
+            if cached is not None:
+                if holder is None:
+                    self.claims.release(fp, request.request_id)
+                return cached
+            if holder is None:
+                return None
+            if self._all_cancelled(fp):
+                raise Cancelled(f"request {request.request_id} was cancelled while waiting for {holder}")
+            holder_job = self.jobs.get(holder)
+            self.jobs.wait(holder, holder_job.version if holder_job else 0, 1.0)
 
     def _generate_and_store(self, request: GenerationRequest, fp: str) -> dict[str, Any]:
         started = time.perf_counter()
         self.generations += 1
         image = self.generator.generate(
             request,
-            on_step=lambda step, total: self._mark_group(fp, step=step, total_steps=total),
+            on_step=lambda step, total: self._on_step(request, fp, step, total),
             should_cancel=lambda: self._all_cancelled(fp),
         )
         generated = time.perf_counter()
@@ -142,6 +168,11 @@ class Worker:
             steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.name,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
+
+    def _on_step(self, request: GenerationRequest, fp: str, step: int, total: int) -> None:
+        self._mark_group(fp, step=step, total_steps=total)
+        if self.claims is not None:
+            self.claims.renew(fp, request.request_id)
 
     # ---- job state for every member of a group ---------------------------------------------
     def _members(self, fp: str) -> list[str]:

@@ -41,3 +41,7 @@ def job_channel(namespace: str, request_id: str) -> str:
 
 def worker_key(namespace: str, worker: str) -> str:
     return f"{namespace}:worker:{worker}"
+
+
+def inflight_key(namespace: str, fingerprint_: str) -> str:
+    return f"{namespace}:inflight:{fingerprint_}"

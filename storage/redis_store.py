@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from storage.jobs import Job
-from storage.keys import job_channel, job_key, result_key, worker_key
+from storage.keys import inflight_key, job_channel, job_key, result_key, worker_key
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +102,40 @@ class RedisFleet:
         keys = list(self.client.scan_iter(match=worker_key(self.namespace, "*"), count=100))
         values = self.client.mget(keys) if keys else []
         return sorted((json.loads(v) for v in values if v), key=lambda w: w["worker"])
+
+
+class RedisClaims:
+    """Which request is generating a fingerprint right now, fleet-wide. Requests are spread evenly
+    over partitions, so identical ones can reach two workers at once: the second waits for the first
+    one's result instead of spending minutes of CPU on the same image. A claim expires if its holder
+    dies (it is renewed at every step), and the same request id may always take its own claim over
+    (a redelivery after its worker died)."""
+
+    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int = 120) -> None:
+        self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
+        self._release = client.register_script(self._RELEASE)
+
+    def claim(self, fingerprint: str, holder: str) -> str | None:
+        """None when holder has the claim now; else the request id holding it."""
+        key = inflight_key(self.namespace, fingerprint)
+        for _ in range(3):  # the other holder may release between our SET and GET
+            if self.client.set(key, holder, nx=True, ex=self.ttl_seconds):
+                return None
+            current = self.client.get(key)
+            if current is not None:
+                current = current.decode()
+                if current == holder:
+                    self.client.expire(key, self.ttl_seconds)
+                    return None
+                return current
+        return None
+
+    def renew(self, fingerprint: str, holder: str) -> None:
+        key = inflight_key(self.namespace, fingerprint)
+        if (self.client.get(key) or b"").decode() == holder:
+            self.client.expire(key, self.ttl_seconds)
+
+    def release(self, fingerprint: str, holder: str) -> None:
+        self._release(keys=[inflight_key(self.namespace, fingerprint)], args=[holder])

@@ -179,3 +179,20 @@ def test_broker_restart_between_submit_and_consume_loses_nothing(tiny_model, tmp
     finally:
         fleet.stop_all()
         broker.stop()
+
+
+def test_identical_requests_on_two_workers_are_generated_once(fleet) -> None:
+    fleet.start_worker("t1")
+    fleet.start_worker("t2")
+    fleet.wait_for_workers(["t1", "t2"])
+    slow = {"width": 512, "height": 512, "steps": 12, "seed": 4}
+    with fleet.client() as client:
+        # Round-robin partitions put consecutive requests on different partitions, so both workers
+        # get one: the second must wait for the first one's claim instead of generating again.
+        ids = [client.submit(_request("one golden idol", request_id=f"idol-{i}", **slow)) for i in range(4)]
+        results = client.wait_all(ids, timeout=180)
+    assert all(r["state"] == "done" for r in results.values())
+    assert len({r["result"]["object_key"] for r in results.values()}) == 1
+    assert sum(not r["result"]["cached"] for r in results.values()) == 1
+    time.sleep(1.5)
+    assert _generations(fleet) == 1
