@@ -24,15 +24,19 @@ from urllib.parse import urlsplit
 
 import gradio as gr
 
-from inference.errors import GenerationError, QueueFull, UnknownRequest
+from inference.errors import GenerationError, QueueFull, QueueUnavailable, UnknownRequest
+from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
 from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
 from queueing.connectivity import check_all, kafka_endpoints, url_endpoint
-from queueing.gateway import Gateway
+from queueing.gateway import FallbackQueue, Gateway
+from queueing.metrics import Metrics
 from queueing.local import LocalQueue
 from queueing.worker import Worker
 from storage.cache import MemoryResultCache
+from storage.health import BackendHealth
 from storage.jobs import MemoryJobStore
+from storage.limits import MemoryRateLimiter, RedisRateLimiter, describe_retry
 from storage.objects import LocallyCachedStore, LocalObjectStore
 
 logger = logging.getLogger("app")
@@ -75,6 +79,8 @@ class FleetSettings:
     presign_seconds: int = 7 * SECONDS_PER_DAY
     worker_name: str = ""
     heartbeat_seconds: float = 5.0
+    kafka_fallback_local: bool = False
+    shutdown_grace_seconds: float = 20.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
@@ -105,6 +111,8 @@ class FleetSettings:
             presign_seconds=int(env.get("R2_PRESIGN_SECONDS", str(7 * SECONDS_PER_DAY))),
             worker_name=env.get("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
             heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", "5")),
+            kafka_fallback_local=_flag(env.get("KAFKA_FALLBACK_LOCAL"), False),
+            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "20")),
         )
 
     @property
@@ -154,6 +162,8 @@ class Settings:
     cache_ttl_seconds: int = 7 * SECONDS_PER_DAY
     request_timeout_seconds: float = 900.0
     log_level: str = "INFO"
+    rate_limit_per_hour: int = 100
+    max_jobs_per_user: int = 4
     fleet: FleetSettings = field(default_factory=FleetSettings)
 
     @classmethod
@@ -177,6 +187,8 @@ class Settings:
             cache_ttl_seconds=int(env.get("CACHE_TTL_SECONDS", str(7 * SECONDS_PER_DAY))),
             request_timeout_seconds=float(env.get("REQUEST_TIMEOUT_SECONDS", "900")),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            rate_limit_per_hour=int(env.get("RATE_LIMIT_PER_HOUR", "100")),
+            max_jobs_per_user=int(env.get("MAX_JOBS_PER_USER", "4")),
             fleet=FleetSettings.from_env(env),
         )
 
@@ -199,6 +211,9 @@ class Services:
     worker: Worker
     queue: Any
     gateway: Gateway
+    health_state: BackendHealth
+    metrics: Metrics
+    limiter: Any
     consumer: Any = None  # KafkaWorkerLoop when Kafka is configured and this process consumes
     heartbeat: Any = None
     fleet: Any = None  # RedisFleet
@@ -223,10 +238,6 @@ class Services:
             self.heartbeat.stop()
         self.queue.stop()
 
-    def recheck(self) -> list[str]:
-        self.unreachable = check_all(self.endpoints, timeout=1.0)
-        return self.unreachable
-
     def describe_worker(self) -> dict[str, Any]:
         """This worker as the fleet sees it (heartbeat)."""
         return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
@@ -238,8 +249,10 @@ class Services:
     def health(self) -> dict[str, Any]:
         """Safe to show anyone: states, names and host:port, never credentials."""
         pipeline = self.pipeline
+        degraded = self.health_state.degraded()
+        status = {"ready": "degraded" if degraded else "ok", "failed": "failed"}.get(pipeline.state, "starting")
         health = {
-            "status": {"ready": "ok", "failed": "failed"}.get(pipeline.state, "starting"),
+            "status": status,
             "model": {
                 "state": pipeline.state,
                 "detail": pipeline.detail,
@@ -252,7 +265,7 @@ class Services:
             },
             "queue": {
                 "kind": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "local",
-                "depth": self.queue.depth(),
+                "depth": _safe(self.queue.depth, None),
                 "max_size": self.queue.max_size,
                 "running": (self.consumer.current_request_id if self.consumer else self.queue.running_id)
                 is not None,
@@ -262,6 +275,7 @@ class Services:
                 "cache": "redis" if self.settings.fleet.redis_url else "in-memory",
                 "objects": "s3" if self.settings.fleet.uses_s3 else "local folder",
             },
+            "degraded": degraded,
             "unreachable": self.unreachable,
             "worker": self.settings.fleet.worker_name,
             "generations": self.worker.generations,
@@ -269,6 +283,12 @@ class Services:
         if self.fleet is not None:
             health["fleet"] = {"workers": _safe(self.fleet.workers, [])}
         return health
+
+    def render_metrics(self) -> bytes:
+        self.metrics.backlog.set(_safe(self.queue.depth, 0) or 0)
+        if self.pipeline.load_seconds is not None:
+            self.metrics.model_load_seconds.set(self.pipeline.load_seconds)
+        return self.metrics.render()
 
 
 def _safe(call, default):
@@ -291,41 +311,37 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
-    objects = _object_store(settings)
-    cache, jobs, redis_fleet, claims = _stores(settings)
+    metrics = Metrics()
+    health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
+    objects = _object_store(settings, health)
+    cache, jobs, redis_fleet, claims, limiter = _stores(settings, health)
     worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name,
-                    claims=claims if fleet.kafka_bootstrap_servers else None)
+                    claims=claims if fleet.kafka_bootstrap_servers else None, metrics=metrics)
     endpoints = _endpoints(fleet)
+    local = LocalQueue(worker.handle, settings.queue_max_size)
     if not fleet.kafka_bootstrap_servers:
-        queue = LocalQueue(worker.handle, settings.queue_max_size)
-        gateway = Gateway(identity, cache, jobs, objects, queue, inflight=worker)
-        return Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway,
-                        fleet=redis_fleet, endpoints=endpoints)
+        gateway = Gateway(identity, cache, jobs, objects, local, inflight=worker, metrics=metrics)
+        return Services(settings, pipeline, identity, objects, cache, jobs, worker, local, gateway, health, metrics,
+                        limiter, fleet=redis_fleet, endpoints=endpoints)
     return _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
-                           consume=fleet.kafka_consume or worker_only)
+                           health, metrics, limiter, local, consume=fleet.kafka_consume or worker_only)
 
 
-def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
-                    consume: bool) -> Services:
+def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints, health,
+                    metrics, limiter, local, consume: bool) -> Services:
     from queueing.fleet import FleetBacklog, Heartbeat
-    from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, ensure_topics, make_producer
+    from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, LazyProducer
 
     kafka = _kafka_settings(settings.fleet)
-    unreachable = check_all([e for e in endpoints if e.name == "Kafka"])
-    if unreachable:
-        raise ConnectionError("; ".join(unreachable))
-    try:
-        ensure_topics(kafka)
-        producer = make_producer(kafka)
-    except Exception as error:
-        raise ConnectionError(f"Kafka at {settings.fleet.kafka_bootstrap_servers} could not be used "
-                              f"({type(error).__name__})") from None
-    queue = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, redis_fleet))
-    gateway = Gateway(identity, cache, jobs, objects, queue, inflight=None)
-    services = Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway,
-                        fleet=redis_fleet, endpoints=endpoints)
+    producer = LazyProducer(kafka)  # connects on first use: the app starts while Kafka is away
+    shared = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, redis_fleet))
+    queue = FallbackQueue(shared, local if settings.fleet.kafka_fallback_local else None, health)
+    gateway = Gateway(identity, cache, jobs, objects, queue, inflight=None, metrics=metrics)
+    services = Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway, health,
+                        metrics, limiter, fleet=redis_fleet, endpoints=endpoints)
     if consume:
-        services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer)
+        services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer, metrics,
+                                            settings.fleet.shutdown_grace_seconds)
         services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker,
                                        settings.fleet.heartbeat_seconds)
     return services
@@ -343,31 +359,37 @@ def _kafka_settings(fleet: FleetSettings):
         max_attempts=fleet.max_attempts)
 
 
-def _object_store(settings: Settings):
+def _object_store(settings: Settings, health: BackendHealth):
     fleet = settings.fleet
+    local = LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
     if not fleet.uses_s3:
-        return LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
+        return local
     from storage.s3 import S3ObjectStore, make_s3_client
 
     client = make_s3_client(fleet.s3_endpoint_url, fleet.r2_access_key_id, fleet.r2_secret_access_key)
     remote = S3ObjectStore(client, fleet.r2_bucket, fleet.r2_public_base_url, fleet.presign_seconds)
-    return LocallyCachedStore(remote, settings.output_dir)
+    return LocallyCachedStore(remote, local, health)
 
 
-def _stores(settings: Settings):
+def _stores(settings: Settings, health: BackendHealth):
     fleet = settings.fleet
     if not fleet.redis_url:
         return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None,
-                None)
+                None, MemoryRateLimiter(settings.rate_limit_per_hour))
     import redis
 
     from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache
+    from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientRateLimiter
 
     client = redis.Redis.from_url(fleet.redis_url, socket_timeout=5, socket_connect_timeout=3,
                                   health_check_interval=30, retry_on_timeout=True)
-    return (RedisResultCache(client, fleet.redis_namespace, settings.cache_ttl_seconds),
-            RedisJobStore(client, fleet.redis_namespace, fleet.job_ttl_seconds),
-            RedisFleet(client, fleet.redis_namespace), RedisClaims(client, fleet.redis_namespace))
+    namespace = fleet.redis_namespace
+    return (ResilientCache(RedisResultCache(client, namespace, settings.cache_ttl_seconds), health),
+            ResilientJobStore(RedisJobStore(client, namespace, fleet.job_ttl_seconds), health),
+            RedisFleet(client, namespace),
+            ResilientClaims(RedisClaims(client, namespace), health),
+            ResilientRateLimiter(RedisRateLimiter(client, namespace, settings.rate_limit_per_hour),
+                                 MemoryRateLimiter(settings.rate_limit_per_hour), health))
 
 
 def _endpoints(fleet: FleetSettings) -> list:
@@ -383,12 +405,36 @@ def _endpoints(fleet: FleetSettings) -> list:
 
 # ---- Gradio handlers ------------------------------------------------------------------------------
 
+class RawNumber(gr.Number):
+    """A number box whose value reaches our validation as sent. Gradio's own conversion rounds 512.5
+    to 512 silently and refuses "abc" or NaN with a message that names no field."""
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+    def get_block_name(self) -> str:
+        return "number"  # the same widget in the browser
+
+
+def user_of(request: gr.Request | None) -> str:
+    """Who to count limits against: the Hugging Face user when signed in, else the client address
+    (the first X-Forwarded-For hop: on a Space every client arrives through the proxy)."""
+    if request is None:
+        return "anonymous"
+    if getattr(request, "username", None):
+        return f"user:{request.username}"
+    forwarded = (request.headers or {}).get("x-forwarded-for", "")
+    address = forwarded.split(",")[0].strip() or (request.client.host if request.client else "unknown")
+    return f"ip:{address}"
+
+
 class Handlers:
     """The functions behind the UI events and API endpoints. Errors become gr.Error here, at the edge."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.gateway = services.gateway
+        self._active: dict[str, set[str]] = {}  # user -> request ids submitted here, maybe in flight
 
     def _request(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                  request_id=None):
@@ -402,19 +448,42 @@ class Handlers:
         except GenerationError as error:
             raise gr.Error(str(error), title="Invalid input") from None
 
-    def _submit(self, request):
+    def _submit(self, request, user: str):
+        self._admit(user, request.request_id)
         try:
-            return self.gateway.submit(request)
+            with request_context(request.request_id):
+                job = self.gateway.submit(request)
         except QueueFull as error:
             raise gr.Error(str(error), title="Busy") from None
+        except QueueUnavailable as error:
+            raise gr.Error(str(error), title="Queue unavailable") from None
         except GenerationError as error:
             raise gr.Error(str(error), title="Invalid input") from None
+        if not job.finished:
+            self._active.setdefault(user, set()).add(job.request_id)
+        return job
+
+    def _admit(self, user: str, request_id: str) -> None:
+        """Per-user limits: requests per hour (fleet-wide with Redis) and jobs in flight (this Space)."""
+        settings, metrics = self.services.settings, self.services.metrics
+        active = {rid for rid in self._active.get(user, set())
+                  if rid != request_id and (job := self.services.jobs.get(rid)) is not None and not job.finished}
+        self._active[user] = active
+        if len(active) >= settings.max_jobs_per_user:
+            metrics.rejected.labels("too_many_in_flight").inc()
+            raise gr.Error(f"you already have {len(active)} requests in progress (at most "
+                           f"{settings.max_jobs_per_user}); wait for one to finish", title="Too many requests")
+        verdict = self.services.limiter.hit(user)
+        if not verdict.allowed:
+            metrics.rejected.labels("rate_limit").inc()
+            raise gr.Error(f"rate limit: {settings.rate_limit_per_hour} requests per hour; try again "
+                           f"{describe_retry(verdict.retry_after_seconds)}", title="Too many requests")
 
     def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                 progress=gr.Progress()) -> Iterator[tuple]:
+                 request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
         started = time.perf_counter()
-        request = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
-        job = self._submit(request)
+        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
+        job = self._submit(generation, user_of(request))
         if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
             yield gr.skip(), gr.skip(), job.request_id
             for job in self.gateway.follow(job.request_id, self.services.settings.request_timeout_seconds):
@@ -424,7 +493,7 @@ class Handlers:
                            f"ask /status with request_id {job.request_id}", title="Timeout")
         if job.state != "done":
             raise gr.Error(job.error or job.state, title=job.state.capitalize())
-        result = dict(job.result, seed_derived=not request.seed_was_given)
+        result = dict(job.result, seed_derived=not generation.seed_was_given)
         result["timings"] = dict(result.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
         yield self._image_file(result), result, job.request_id
 
@@ -447,10 +516,10 @@ class Handlers:
         return str(self.services.objects.local_path(result["object_key"]))
 
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-               request_id) -> str:
-        request = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                                request_id)
-        return self._submit(request).request_id
+               request_id, request: gr.Request) -> str:
+        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                                   request_id)
+        return self._submit(generation, user_of(request)).request_id
 
     def status(self, request_id: str) -> dict[str, Any]:
         try:
@@ -475,7 +544,10 @@ class Handlers:
             text = f"⏳ Model {pipeline.state}: {pipeline.detail} — requests are queued meanwhile."
         for problem in self.services.unreachable:
             text += f"\n\n⚠️ {problem}"
-        return text, gr.Timer(active=not ready and pipeline.state != "failed")
+        for backend, state in self.services.health_state.degraded().items():
+            text += f"\n\n⚠️ {backend} unavailable ({state['reason']}): {state['meaning']}."
+        # Fast while loading; then slow, to keep showing degraded backends as they come and go.
+        return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
 
 
 def _add_to_gallery(result: dict | None, image: str | None, gallery: list) -> tuple[list, list]:
@@ -504,18 +576,18 @@ def build_ui(services: Services):
                 # Plain number boxes, not sliders: out-of-range values must reach our validation, whose
                 # messages name the field (a slider refuses them with a message that names nothing).
                 with gr.Row():
-                    width = gr.Number(preset.width, label="Width", precision=0, step=8,
+                    width = RawNumber(preset.width, label="Width", precision=0, step=8,
                                       info=f"multiple of 8, {MIN_SIDE}..{MAX_SIDE}")
-                    height = gr.Number(preset.height, label="Height", precision=0, step=8,
+                    height = RawNumber(preset.height, label="Height", precision=0, step=8,
                                        info=f"multiple of 8, {MIN_SIDE}..{MAX_SIDE}")
                 with gr.Row():
-                    steps = gr.Number(preset.default_steps, label="Steps", precision=0,
+                    steps = RawNumber(preset.default_steps, label="Steps", precision=0,
                                       info=f"1..{preset.max_steps}")
-                    guidance = gr.Number(preset.guidance_scale, label="Guidance scale", step=0.5,
+                    guidance = RawNumber(preset.guidance_scale, label="Guidance scale", step=0.5,
                                          info=f"0..{MAX_GUIDANCE:g} (0 for turbo/lightning)")
                 with gr.Row():
                     # The browser shows an empty number box as 0, so "derived" needs a value of its own.
-                    seed = gr.Number(value=DERIVED_SEED, label="Seed", precision=0,
+                    seed = RawNumber(value=DERIVED_SEED, label="Seed", precision=0,
                                      info=f"{DERIVED_SEED}: derived from the prompt (same prompt, same image); "
                                           f"or 0..{MAX_SEED}")
                     randomize = gr.Button("Randomize seed", size="sm")
@@ -561,7 +633,8 @@ def build_ui(services: Services):
 def build_app(services: Services):
     """FastAPI app: /healthz, the output folder under /outputs, and the Gradio UI + API at /."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
     from fastapi.staticfiles import StaticFiles
 
     output_dir = services.settings.output_dir
@@ -572,6 +645,10 @@ def build_app(services: Services):
     def healthz() -> JSONResponse:
         health = services.health()
         return JSONResponse(health, status_code=503 if health["status"] == "failed" else 200)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(services.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     app.mount("/outputs", StaticFiles(directory=output_dir), name="outputs")
     return gr.mount_gradio_app(app, build_ui(services), path="/", allowed_paths=[str(output_dir.resolve())],
@@ -605,7 +682,9 @@ def serve(services: Services) -> int:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -187,6 +187,7 @@ class GenerationResult:
     model: str
     worker: str = ""
     cached: bool = False
+    persisted: bool = True  # False: the object store failed; this Space serves the image meanwhile
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

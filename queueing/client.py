@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from inference.request import GenerationRequest
-from queueing.kafka import KafkaSettings, RequestSender, ensure_topics, make_producer
+from queueing.kafka import KafkaSettings, LazyProducer, RequestSender, ensure_topics
 from queueing.messages import decode_result
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class BackendClient:
     def __init__(self, bootstrap_servers: str, topic_prefix: str = "image_generation", **kafka_options: Any):
         self.settings = KafkaSettings(bootstrap_servers=bootstrap_servers, topic_prefix=topic_prefix, **kafka_options)
         ensure_topics(self.settings)
-        self._producer: KafkaProducer = make_producer(self.settings)
+        self._producer = LazyProducer(self.settings)
         self._sender = RequestSender(self.settings, self._producer)
         self._results = KafkaConsumer(enable_auto_commit=False, **self.settings.client_options())
         partitions = self._results.partitions_for_topic(self.settings.results_topic) or set()

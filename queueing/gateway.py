@@ -7,11 +7,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from inference.errors import InvalidRequest, QueueFull, UnknownRequest
+from inference.errors import InvalidRequest, QueueFull, QueueUnavailable, UnknownRequest
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest
 from queueing.worker import Worker
 from storage.cache import ResultCache
+from storage.health import BackendHealth
 from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, Job, JobStore
 from storage.keys import fingerprint
 from storage.objects import ObjectStore
@@ -31,15 +32,59 @@ class RequestQueue(Protocol):
         ...
 
 
+class FallbackQueue:
+    """The shared queue, or, while it is unreachable and the operator allowed it, this process's own
+    queue. Without a fallback the caller gets a clear "try again" error: nothing is dropped silently."""
+
+    def __init__(self, primary: RequestQueue, fallback: RequestQueue | None, health: BackendHealth) -> None:
+        self.primary, self.fallback, self.health = primary, fallback, health
+        self.max_size = getattr(primary, "max_size", 0)
+
+    @property
+    def running_id(self) -> str | None:
+        return getattr(self.fallback, "running_id", None)
+
+    def put(self, request: GenerationRequest) -> None:
+        try:
+            self.primary.put(request)
+        except QueueUnavailable as error:
+            self.health.down("Kafka", error)
+            if self.fallback is None:
+                raise
+            logger.warning("request %s runs on this Space: %s", request.request_id, error)
+            self.fallback.put(request)
+            return
+        self.health.up("Kafka")
+
+    def depth(self) -> int:
+        return self.primary.depth() + (self.fallback.depth() if self.fallback else 0)
+
+    def position(self, request_id: str) -> int | None:
+        return self.fallback.position(request_id) if self.fallback else None
+
+    def wait_estimate(self) -> dict[str, Any]:
+        return self.primary.wait_estimate()
+
+    def start(self) -> None:
+        for queue in (self.primary, self.fallback):
+            if queue is not None:
+                queue.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for queue in (self.primary, self.fallback):
+            if queue is not None:
+                queue.stop(timeout)
+
+
 class Gateway:
     """inflight: the local worker, when requests run in this process; it lets identical requests share
     one generation. In the fleet (Kafka) it is None: identical requests share a partition instead, so
     the second is a cache hit wherever it runs."""
 
     def __init__(self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, objects: ObjectStore,
-                 queue: RequestQueue, inflight: Worker | None = None) -> None:
+                 queue: RequestQueue, inflight: Worker | None = None, metrics: Any = None) -> None:
         self.identity, self.cache, self.jobs, self.objects = identity, cache, jobs, objects
-        self.queue, self.inflight = queue, inflight
+        self.queue, self.inflight, self.metrics = queue, inflight, metrics
 
     def submit(self, request: GenerationRequest) -> Job:
         """Returns the request's job: done at once on a cache hit, else queued (or joined to an
@@ -54,6 +99,9 @@ class Gateway:
             return existing
         cached = self.cache.get(fp)
         if cached is not None:
+            if self.metrics:
+                self.metrics.cache_hits.inc()
+                self.metrics.requests.labels("cache_hit").inc()
             result = {**cached, "request_id": request.request_id, "cached": True,
                       "url": self.objects.url_for(cached["object_key"])}  # fresh if presigned
             return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time())
@@ -80,7 +128,9 @@ class Gateway:
     def _enqueue(self, request: GenerationRequest, fp: str) -> None:
         try:
             self.queue.put(request)
-        except QueueFull as error:
+        except (QueueFull, QueueUnavailable) as error:
+            if self.metrics:
+                self.metrics.rejected.labels("busy" if isinstance(error, QueueFull) else "queue_unavailable").inc()
             if self.inflight is not None:
                 self.inflight.abandon(fp, str(error))
             else:

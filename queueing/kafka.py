@@ -28,8 +28,8 @@ from queueing.messages import (
     encode_request,
     encode_result,
 )
-from queueing.worker import RetryLater, Worker
-from storage.jobs import CANCELLED, DONE, FAILED, Job, JobStore
+from queueing.worker import Interrupted, RetryLater, Worker
+from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, Job, JobStore
 from storage.keys import fingerprint, routing_key
 
 logger = logging.getLogger(__name__)
@@ -92,13 +92,16 @@ class RequestSender:
     unevenly as 101..148, and the busiest worker then sets the fleet's pace. Identical requests that
     meet on two workers are generated once through the fleet-wide claim (storage.redis_store)."""
 
-    def __init__(self, settings: KafkaSettings, producer: KafkaProducer) -> None:
+    def __init__(self, settings: KafkaSettings, producer: LazyProducer) -> None:
         self.settings, self.producer = settings, producer
         self._turn = itertools.count(random.randrange(1 << 16))
         self._lock = threading.Lock()
 
     def _partition(self) -> int:
-        partitions = sorted(self.producer.partitions_for(self.settings.requests_topic))
+        try:
+            partitions = sorted(self.producer.get().partitions_for(self.settings.requests_topic))
+        except KafkaError as error:
+            raise QueueUnavailable(f"Kafka is unreachable ({type(error).__name__})") from error
         with self._lock:
             return partitions[next(self._turn) % len(partitions)]
 
@@ -106,8 +109,7 @@ class RequestSender:
         self.send_raw(encode_request(request), routing_key(request).encode())
 
     def send_raw(self, value: bytes, key: bytes | None) -> None:
-        self.producer.send(self.settings.requests_topic, key=key, value=value,
-                           partition=self._partition()).get(timeout=15)
+        self.producer.send(self.settings.requests_topic, key, value, partition=self._partition())
 
 
 def make_producer(settings: KafkaSettings) -> KafkaProducer:
@@ -115,22 +117,53 @@ def make_producer(settings: KafkaSettings) -> KafkaProducer:
     return KafkaProducer(acks="all", retries=5, linger_ms=0, **settings.client_options())
 
 
+class LazyProducer:
+    """Connects on first use and again after a failure, so the app starts (and says so) while Kafka
+    is away, and reconnects by itself when it is back."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+                try:
+                    ensure_topics(self.settings)
+                    self._producer = make_producer(self.settings)
+                except KafkaError as error:
+                    raise QueueUnavailable(f"Kafka is unreachable ({type(error).__name__}); try again shortly") \
+                        from error
+            return self._producer
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        """Send and wait for the acknowledgement (at least once: nothing counts until it is stored)."""
+        try:
+            self.get().send(topic, key=key, value=value, partition=partition).get(timeout=15)
+        except KafkaError as error:
+            raise QueueUnavailable(f"Kafka did not accept the message ({type(error).__name__}); "
+                                   "try again shortly") from error
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout)
+                self._producer = None
+
+
 class KafkaRequestQueue:
     """The gateway's queue in the fleet: requests go to the shared topic; any worker may take them."""
 
     running_id = None
 
-    def __init__(self, settings: KafkaSettings, producer: KafkaProducer, backlog: Any) -> None:
+    def __init__(self, settings: KafkaSettings, producer: LazyProducer, backlog: Any) -> None:
         self.settings, self.producer, self.backlog = settings, producer, backlog
         self.sender = RequestSender(settings, producer)
         self.max_size = 0  # bounded by the fleet's capacity, not by this process
 
     def put(self, request: GenerationRequest) -> None:
-        try:
-            self.sender.send(request)
-        except KafkaError as error:
-            raise QueueUnavailable(f"the request queue (Kafka) did not accept the request: "
-                                   f"{type(error).__name__}; try again shortly") from error
+        self.sender.send(request)
 
     def depth(self) -> int:
         return self.backlog.lag()
@@ -145,16 +178,18 @@ class KafkaRequestQueue:
         pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.producer.flush(timeout)
+        self.producer.close(timeout)
 
 
 class KafkaWorkerLoop:
     """One consumer-group member. While a job runs (on a separate thread) it keeps polling with
     its partitions paused, so a minutes-long CPU job never trips max_poll_interval_ms."""
 
-    def __init__(self, settings: KafkaSettings, worker: Worker, jobs: JobStore, producer: KafkaProducer) -> None:
+    def __init__(self, settings: KafkaSettings, worker: Worker, jobs: JobStore, producer: LazyProducer,
+                 metrics: Any = None, shutdown_grace_seconds: float = 20.0) -> None:
         self.settings, self.worker, self.jobs, self.producer = settings, worker, jobs, producer
         self.sender = RequestSender(settings, producer)
+        self.metrics, self.shutdown_grace_seconds = metrics, shutdown_grace_seconds
         self.current_request_id: str | None = None
         self.connected = False
         self.assigned = 0  # partitions held, for heartbeats
@@ -165,16 +200,25 @@ class KafkaWorkerLoop:
         self._thread = threading.Thread(target=self._run, name="kafka-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Warm shutdown: the job in hand finishes and is committed, then the group is left cleanly."""
+    def stop(self) -> None:
+        """Warm shutdown: the job in hand may finish (and is committed) within the grace period; past
+        it the job is interrupted and handed back uncommitted, so another worker takes it. Then the
+        group is left cleanly, so its partitions move at once."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        self._thread.join(self.shutdown_grace_seconds)
+        if self._thread.is_alive():
+            logger.warning("job %s still running after %.0f s: handing it back", self.current_request_id,
+                           self.shutdown_grace_seconds)
+            self.worker.interrupt()
+            self._thread.join(30)
 
     def _connect(self) -> KafkaConsumer | None:
         delay = 1.0
         while not self._stop.is_set():
             try:
+                ensure_topics(self.settings)
                 consumer = KafkaConsumer(
                     self.settings.requests_topic, group_id=self.settings.group_id, enable_auto_commit=False,
                     auto_offset_reset="earliest", max_poll_records=1, fetch_max_wait_ms=20,
@@ -187,7 +231,7 @@ class KafkaWorkerLoop:
             except KafkaError as error:
                 logger.warning("Kafka unreachable (%s); retrying in %.0f s", type(error).__name__, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 10.0)
         return None
 
     def _run(self) -> None:
@@ -206,8 +250,10 @@ class KafkaWorkerLoop:
         finally:
             consumer.close()  # leaves the group now, so its partitions move without a session timeout
             self.connected = False
+            logger.info("left the consumer group %s", self.settings.group_id)
 
     def _process(self, consumer: KafkaConsumer, partition: TopicPartition, message) -> None:
+        self._handed_back = False
         done = threading.Event()
         thread = threading.Thread(target=self._handle_then_set, args=(message, done), name="generate", daemon=True)
         thread.start()
@@ -219,6 +265,8 @@ class KafkaWorkerLoop:
             while not done.wait(0.1):
                 self._poll_paused(consumer)
             consumer.resume(*consumer.assignment())
+        if self._handed_back:
+            return  # uncommitted: after this member leaves, another one gets the message again
         try:
             consumer.commit({partition: OffsetAndMetadata(message.offset + 1, "", -1)})
         except CommitFailedError:
@@ -251,6 +299,8 @@ class KafkaWorkerLoop:
             return
         request = envelope.request
         job = self._job_for(request)
+        if envelope.replayed and job.state == FAILED:  # an operator replayed it after fixing the cause
+            job = self.jobs.update(request.request_id, state=QUEUED, attempts=0, error=None, finished_at=None)
         if job.state == DONE:
             self._publish_result(job)  # a redelivery: the client may have missed the first one
             return
@@ -272,10 +322,15 @@ class KafkaWorkerLoop:
             self._give_up(request, raw, key, attempts, job.error or "the worker stopped during every attempt")
             return
         self.current_request_id = request.request_id
+        if self.metrics:
+            self.metrics.attempts.inc()
         try:
             self.worker.handle(request, final_attempt=attempts >= self.settings.max_attempts)
         except RetryLater:
             self.sender.send_raw(raw, key)  # maybe another worker (serving that preset, or healthy) takes it
+            return
+        except Interrupted:
+            self._handed_back = True
             return
         finally:
             self.current_request_id = None
@@ -301,10 +356,11 @@ class KafkaWorkerLoop:
         self._publish_result(job)
 
     def _publish_result(self, job: Job) -> None:
-        self.producer.send(self.settings.results_topic, key=job.request_id.encode(),
-                           value=encode_result(job.request_id, job.state, job.result, job.error)).get(timeout=15)
+        self.producer.send(self.settings.results_topic, job.request_id.encode(),
+                           encode_result(job.request_id, job.state, job.result, job.error))
 
     def _dead_letter(self, raw, key, reason: str, attempts: int = 0, request_id: str | None = None) -> None:
-        self.producer.send(self.settings.dlq_topic, key=key,
-                           value=encode_dead_letter(raw, reason, self.worker.name, attempts, request_id)
-                           ).get(timeout=15)
+        if self.metrics:
+            self.metrics.dead_letters.labels("malformed" if not request_id else "failed").inc()
+        self.producer.send(self.settings.dlq_topic, key,
+                           encode_dead_letter(raw, reason, self.worker.name, attempts, request_id))

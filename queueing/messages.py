@@ -24,11 +24,15 @@ class RequestEnvelope:
     request: GenerationRequest
     attempt: int = 1
     submitted_at: float = 0.0
+    replayed: bool = False  # sent again from the dead-letter topic: its failed job starts over
 
 
-def encode_request(request: GenerationRequest, attempt: int = 1, submitted_at: float | None = None) -> bytes:
-    return json.dumps({"v": VERSION, "request": request.to_dict(), "attempt": attempt,
-                       "submitted_at": submitted_at or time.time()}).encode()
+def encode_request(request: GenerationRequest, attempt: int = 1, submitted_at: float | None = None,
+                   replayed: bool = False) -> bytes:
+    data = {"v": VERSION, "request": request.to_dict(), "attempt": attempt, "submitted_at": submitted_at or time.time()}
+    if replayed:
+        data["replayed"] = True
+    return json.dumps(data).encode()
 
 
 def decode_request(raw: bytes | None) -> RequestEnvelope:
@@ -52,7 +56,8 @@ def decode_request(raw: bytes | None) -> RequestEnvelope:
     except InvalidRequest as error:
         raise MalformedMessage(f"invalid request: {error}") from None
     submitted_at = data.get("submitted_at")
-    return RequestEnvelope(request, attempt, submitted_at if isinstance(submitted_at, int | float) else 0.0)
+    return RequestEnvelope(request, attempt, submitted_at if isinstance(submitted_at, int | float) else 0.0,
+                           replayed=data.get("replayed") is True)
 
 
 def encode_result(request_id: str, state: str, result: dict | None, error: str | None) -> bytes:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from inference.errors import Cancelled, GenerationError, GenerationFailed
 from inference.images import CONTENT_TYPES, encode, parameters_text
+from inference.logcontext import request_context
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest, GenerationResult
 from storage.cache import ResultCache
@@ -19,6 +20,10 @@ from storage.keys import fingerprint, object_key
 from storage.objects import ObjectStore
 
 logger = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """The worker is shutting down: the job went back to queued for another worker to take."""
 
 
 class RetryLater(Exception):
@@ -43,14 +48,21 @@ class Worker:
         objects: ObjectStore,
         name: str = "local",
         claims: Any = None,
+        metrics: Any = None,
     ) -> None:
         self.generator, self.identity, self.sampler_label = generator, identity, sampler_label
         self.cache, self.jobs, self.objects, self.name = cache, jobs, objects, name
         self.claims = claims  # RedisClaims in the fleet: identical requests on two workers run once
+        self.metrics = metrics  # queueing.metrics.Metrics, or None
         self.generations = 0  # pipeline calls made, for tests and metrics
         self.mean_seconds = 10.0  # moving average of generation time, for fleet wait estimates
         self._groups: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop the generation in hand at its next step and hand the job back (shutdown)."""
+        self._interrupted.set()
 
     # ---- groups of identical requests ------------------------------------------------------
     def join_or_lead(self, fingerprint_: str, request_id: str) -> bool:
@@ -91,9 +103,16 @@ class Worker:
         or, for a retriable failure when final_attempt is False, queued again and raises RetryLater."""
         fp = fingerprint(request, self.identity)
         self.join_or_lead(fp, request.request_id)
+        with request_context(request.request_id):
+            self._handle_logged(request, fp, final_attempt)
+
+    def _handle_logged(self, request: GenerationRequest, fp: str, final_attempt: bool) -> None:
         try:
             self._handle_group(request, fp)
         except Cancelled as error:
+            if self._interrupted.is_set():
+                self._requeue_group(fp, "the worker shut down; another worker will take it")
+                raise Interrupted(str(error)) from error
             self._finish_group(fp, CANCELLED, error=str(error))
         except GenerationError as error:
             logger.warning("request %s failed: %s", request.request_id, error)
@@ -112,6 +131,7 @@ class Worker:
             raise GenerationFailed(f"preset {request.preset!r} is not served by worker {self.name} "
                                    f"(it serves {self.identity.preset!r})")
         cached = self.cache.get(fp) or self._claim(request, fp)
+        self._count("cache_hits" if cached is not None else "cache_misses")
         if cached is not None:
             # Re-sign: a presigned URL stored with the entry may have expired since.
             url = self.objects.url_for(cached["object_key"])
@@ -120,8 +140,10 @@ class Worker:
         try:
             self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
                              started_at=time.time())
+            self._observe_queue_wait(request.request_id)
             result = self._generate_and_store(request, fp)
-            self.cache.put(fp, result)
+            if result["persisted"]:  # an image only this Space holds must not be served to the fleet
+                self.cache.put(fp, result)
         finally:
             if self.claims is not None:  # after the cache put: whoever waits finds the result
                 self.claims.release(fp, request.request_id)
@@ -153,21 +175,33 @@ class Worker:
         image = self.generator.generate(
             request,
             on_step=lambda step, total: self._on_step(request, fp, step, total),
-            should_cancel=lambda: self._all_cancelled(fp),
+            should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
         )
         generated = time.perf_counter()
         self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * (generated - started)
+        if self.metrics:
+            self.metrics.generation_seconds.labels(request.preset).observe(generated - started)
         data = encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
         key = object_key(fp, request.output_format)
-        url = self.objects.put(key, data, CONTENT_TYPES[request.output_format])
+        stored_object = self.objects.put(key, data, CONTENT_TYPES[request.output_format])
         stored = time.perf_counter()
         logger.info("request %s generated in %.2f s", request.request_id, generated - started)
         return GenerationResult(
-            request_id=request.request_id, fingerprint=fp, seed=request.seed, url=url, object_key=key,
+            request_id=request.request_id, fingerprint=fp, seed=request.seed, url=stored_object.url, object_key=key,
             content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
             steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.name,
+            persisted=stored_object.persisted,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
+
+    def _count(self, counter: str) -> None:
+        if self.metrics:
+            getattr(self.metrics, counter).inc()
+
+    def _observe_queue_wait(self, request_id: str) -> None:
+        job = self.jobs.get(request_id)
+        if self.metrics and job is not None and job.started_at:
+            self.metrics.queue_wait_seconds.observe(max(0.0, job.started_at - job.created_at))
 
     def _on_step(self, request: GenerationRequest, fp: str, step: int, total: int) -> None:
         self._mark_group(fp, step=step, total_steps=total)
@@ -206,3 +240,5 @@ class Worker:
                 continue
             member_result = {**result, "request_id": member} if result else None
             self.jobs.update(member, state=state, result=member_result, error=error, finished_at=time.time())
+            if self.metrics:
+                self.metrics.requests.labels(state).inc()

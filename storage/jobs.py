@@ -76,6 +76,12 @@ class MemoryJobStore:
         with self._changed:
             return self._jobs.get(request_id)
 
+    def put(self, job: Job) -> None:
+        """Overwrite with a newer state known from elsewhere (the Redis mirror)."""
+        with self._changed:
+            self._jobs[job.request_id] = job
+            self._changed.notify_all()
+
     def update(self, request_id: str, **changes: Any) -> Job:
         with self._changed:
             job = self._jobs[request_id]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+from storage.health import BackendHealth
+
+logger = logging.getLogger(__name__)
+
+
+class StoredObject(NamedTuple):
+    url: str
+    persisted: bool = True  # False: kept on this machine only (the remote store failed)
 
 
 class ObjectStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> str:
-        """Store data under key (idempotent) and return its URL."""
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Store data under key (idempotent) and say where it can be fetched."""
         ...
 
     def get(self, key: str) -> bytes: ...
@@ -35,14 +45,14 @@ class LocalObjectStore:
             raise ValueError(f"object key {key!r} escapes the output folder")
         return path
 
-    def put(self, key: str, data: bytes, content_type: str) -> str:
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: a reader never sees half an image, even if we crash mid-write.
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as handle:
             handle.write(data)
         os.replace(handle.name, path)
-        return self.url_for(key)
+        return StoredObject(self.url_for(key))
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -58,16 +68,26 @@ class LocalObjectStore:
 class LocallyCachedStore:
     """A remote store with a local copy of every object this process wrote or read. Keys are
     content-addressed and objects immutable, so a local copy never goes stale: the UI/API response
-    of a cache hit reads the disk instead of downloading the image again."""
+    of a cache hit reads the disk instead of downloading the image again. When the remote store
+    fails (after its own retries with backoff), the image is still served by this app from the local
+    copy, marked as not persisted."""
 
-    def __init__(self, remote: ObjectStore, folder: Path) -> None:
-        self.remote = remote
-        self.local = LocalObjectStore(folder, "file://")
+    NAME = "R2/S3"
 
-    def put(self, key: str, data: bytes, content_type: str) -> str:
-        url = self.remote.put(key, data, content_type)
-        self.local.put(key, data, content_type)
-        return url
+    def __init__(self, remote: ObjectStore, local: LocalObjectStore, health: BackendHealth | None = None) -> None:
+        self.remote, self.local = remote, local
+        self.health = health or BackendHealth()
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        local = self.local.put(key, data, content_type)
+        try:
+            stored = self.remote.put(key, data, content_type)
+        except Exception as error:  # botocore raises many types; any of them means "not persisted"
+            self.health.down(self.NAME, error)
+            logger.warning("upload of %s failed (%s); serving it from this Space only", key, type(error).__name__)
+            return StoredObject(local.url, persisted=False)
+        self.health.up(self.NAME)
+        return stored
 
     def get(self, key: str) -> bytes:
         path = self.local.local_path(key)

@@ -8,6 +8,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from storage.objects import StoredObject
+
 logger = logging.getLogger(__name__)
 
 # Keys are content-addressed: an object never changes, so clients and CDNs may keep it forever.
@@ -33,10 +35,10 @@ class S3ObjectStore:
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.presign_seconds = presign_seconds
 
-    def put(self, key: str, data: bytes, content_type: str) -> str:
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
                                CacheControl=IMMUTABLE)
-        return self.url_for(key)
+        return StoredObject(self.url_for(key))
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()

@@ -87,8 +87,11 @@ def _tiny_taesd() -> AutoencoderTiny:
     )
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny SDXL pipeline under folder/sdxl and a tiny TAESD under folder/taesd."""
+def build_tiny_sdxl(folder: Path, seed: int = 0, train_timesteps: int = 1000) -> Path:
+    """Save a tiny SDXL pipeline under folder/sdxl and a tiny TAESD under folder/taesd.
+
+    train_timesteps below the steps a request asks for makes the scheduler refuse that request, every
+    time, with a real pipeline error (the fault tests' "request that always crashes")."""
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(folder / "_tokenizer")
     vocab_size = len(tokenizer)
@@ -101,7 +104,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         unet=_tiny_unet(),
         scheduler=EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            timestep_spacing="leading", steps_offset=1,
+            timestep_spacing="leading", steps_offset=1, num_train_timesteps=train_timesteps,
         ),
     )
     pipe.save_pretrained(folder / "sdxl")

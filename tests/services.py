@@ -43,14 +43,19 @@ def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind",
-             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.port, self.workdir, self.password = free_port(), workdir, password
+        self.start()
+        auth = f"default:{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind",
+                   "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -193,3 +198,38 @@ class Fleet:
         from queueing.client import BackendClient
 
         return BackendClient(self.bootstrap, self.prefix)
+
+
+class FailingS3:
+    """An S3 endpoint that answers every request with 503 and counts them (the "R2 is down" fault)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _fail(self) -> None:
+                outer.requests += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_PUT = do_GET = do_HEAD = do_POST = _fail
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()

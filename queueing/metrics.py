@@ -1,0 +1,34 @@
+"""Prometheus metrics, one registry per process (served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# CPU generations take seconds to minutes; GPU ones well under a second.
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("imagegen_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.cache_hits = Counter("imagegen_cache_hits_total", "Result cache hits", registry=r)
+        self.cache_misses = Counter("imagegen_cache_misses_total", "Result cache misses", registry=r)
+        self.generation_seconds = Histogram("imagegen_generation_seconds", "Pipeline time per image", ["preset"],
+                                            buckets=SECONDS_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("imagegen_queue_wait_seconds", "Submit to start of generation",
+                                            buckets=SECONDS_BUCKETS, registry=r)
+        self.backlog = Gauge("imagegen_backlog", "Requests waiting (local queue, or the fleet's consumer lag)",
+                             registry=r)
+        self.attempts = Counter("imagegen_attempts_total", "Generation attempts started by this worker", registry=r)
+        self.dead_letters = Counter("imagegen_dead_letters_total", "Messages sent to the dead-letter topic",
+                                    ["reason"], registry=r)
+        self.rejected = Counter("imagegen_rejected_total", "Requests refused at the door", ["reason"], registry=r)
+        self.degraded = Gauge("imagegen_backend_degraded", "1 while a backend is unreachable", ["backend"],
+                              registry=r)
+        self.model_load_seconds = Gauge("imagegen_model_load_seconds", "Time to load and warm up the model",
+                                        registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
