@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from queueing.kafka import KafkaSettings
 from storage.redis_store import RedisFleet
@@ -41,24 +40,32 @@ class Heartbeat:
 
 
 class FleetBacklog:
-    """Consumer lag of the request topic (messages not yet committed by the group), cached briefly."""
+    """Consumer lag of the request topic (messages not yet committed by the group). Measured in the
+    background every few seconds, so /healthz and /status never wait on Kafka."""
 
-    def __init__(self, settings: KafkaSettings, fleet: RedisFleet | None, cache_seconds: float = 3.0) -> None:
-        self.settings, self.fleet, self.cache_seconds = settings, fleet, cache_seconds
-        self._lag, self._at = 0, 0.0
+    def __init__(self, settings: KafkaSettings, fleet: RedisFleet | None, every_seconds: float = 3.0) -> None:
+        self.settings, self.fleet, self.every_seconds = settings, fleet, every_seconds
+        self._lag = 0
+        self._started = False
         self._lock = threading.Lock()
         self._admin: KafkaAdminClient | None = None
         self._consumer: KafkaConsumer | None = None
 
     def lag(self) -> int:
         with self._lock:
-            if time.monotonic() - self._at > self.cache_seconds:
-                try:
-                    self._lag = self._measure()
-                except KafkaError as error:
-                    logger.warning("could not measure the backlog: %s", type(error).__name__)
-                self._at = time.monotonic()
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="backlog", daemon=True).start()
             return self._lag
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._lag = self._measure()
+            except Exception as error:  # Kafka away: keep the last figure, try again later
+                logger.debug("could not measure the backlog: %s", type(error).__name__)
+                self._admin = self._consumer = None
+            time.sleep(self.every_seconds)
 
     def _measure(self) -> int:
         if self._admin is None:
@@ -71,7 +78,10 @@ class FleetBacklog:
         return sum(max(0, end - _offset(committed.get(tp))) for tp, end in ends.items())
 
     def estimate(self) -> dict[str, Any]:
-        workers = self.fleet.workers() if self.fleet else []
+        try:
+            workers = self.fleet.workers() if self.fleet else []
+        except Exception:  # Redis away
+            workers = []
         seconds = [w.get("mean_seconds", 10.0) for w in workers] or [10.0]
         lag = self.lag()
         per_request = sum(seconds) / len(seconds)

@@ -64,8 +64,9 @@ class KafkaSettings:
         return f"{self.topic_prefix}.dlq"
 
     def client_options(self) -> dict[str, Any]:
+        # Fail in seconds, not kafka-python's default 30 s, when the broker is away: callers say so.
         options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(","),
-                                   "security_protocol": self.security_protocol}
+                                   "security_protocol": self.security_protocol, "bootstrap_timeout_ms": 5000}
         if self.sasl_mechanism:
             options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
                            sasl_plain_password=self.sasl_password)
@@ -114,25 +115,31 @@ class RequestSender:
 
 def make_producer(settings: KafkaSettings) -> KafkaProducer:
     # acks=all: a request counts as accepted only once every in-sync replica has it.
-    return KafkaProducer(acks="all", retries=5, linger_ms=0, **settings.client_options())
+    return KafkaProducer(acks="all", retries=5, linger_ms=0, max_block_ms=10_000, **settings.client_options())
 
 
 class LazyProducer:
     """Connects on first use and again after a failure, so the app starts (and says so) while Kafka
     is away, and reconnects by itself when it is back."""
 
+    RETRY_AFTER_SECONDS = 5.0  # after a failed connect, fail fast for a while instead of blocking callers
+
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
+        self._failed_at = 0.0
 
     def get(self) -> KafkaProducer:
         with self._lock:
             if self._producer is None:
+                if time.monotonic() - self._failed_at < self.RETRY_AFTER_SECONDS:
+                    raise QueueUnavailable("Kafka is unreachable; try again shortly")
                 try:
                     ensure_topics(self.settings)
                     self._producer = make_producer(self.settings)
                 except KafkaError as error:
+                    self._failed_at = time.monotonic()
                     raise QueueUnavailable(f"Kafka is unreachable ({type(error).__name__}); try again shortly") \
                         from error
             return self._producer

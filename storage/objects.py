@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -73,17 +74,22 @@ class LocallyCachedStore:
     copy, marked as not persisted."""
 
     NAME = "R2/S3"
+    PAUSE_SECONDS = 30.0  # after uploads failed, later images skip them this long (no 20 s retry waits)
 
     def __init__(self, remote: ObjectStore, local: LocalObjectStore, health: BackendHealth | None = None) -> None:
         self.remote, self.local = remote, local
         self.health = health or BackendHealth()
+        self._paused_until = 0.0
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         local = self.local.put(key, data, content_type)
+        if time.monotonic() < self._paused_until:
+            return StoredObject(local.url, persisted=False)
         try:
             stored = self.remote.put(key, data, content_type)
         except Exception as error:  # botocore raises many types; any of them means "not persisted"
             self.health.down(self.NAME, error)
+            self._paused_until = time.monotonic() + self.PAUSE_SECONDS
             logger.warning("upload of %s failed (%s); serving it from this Space only", key, type(error).__name__)
             return StoredObject(local.url, persisted=False)
         self.health.up(self.NAME)

@@ -77,6 +77,7 @@ def start_app(tiny_model: TinyModel, workdir: Path, timeout: float = 120.0, **ex
 
 def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name: str = "app") -> RunningApp:
     """`python app.py` with env; returns once /healthz says ok."""
+    workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=log,

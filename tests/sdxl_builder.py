@@ -37,11 +37,17 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
-def write_clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer (no merges): every text tokenizes, offline."""
+def write_clip_tokenizer(folder: Path, ascii_first: bool = False) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (no merges): every text tokenizes, offline. ascii_first puts
+    the ASCII characters and the special tokens at the lowest ids (see build_tiny_sdxl)."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + list(CLIP_SPECIAL_TOKENS)
+    if ascii_first:
+        ascii_chars, other = chars[:128], chars[128:]
+        tokens = (ascii_chars + [c + "</w>" for c in ascii_chars] + list(CLIP_SPECIAL_TOKENS) + other
+                  + [c + "</w>" for c in other])
+    else:
+        tokens = chars + [c + "</w>" for c in chars] + list(CLIP_SPECIAL_TOKENS)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(
@@ -49,12 +55,11 @@ def write_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     )
 
 
-def _tiny_text_config(vocab_size: int) -> CLIPTextConfig:
+def _tiny_text_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
         num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        hidden_act="gelu",
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu",
     )
 
 
@@ -87,24 +92,26 @@ def _tiny_taesd() -> AutoencoderTiny:
     )
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0, train_timesteps: int = 1000) -> Path:
+def build_tiny_sdxl(folder: Path, seed: int = 0, ascii_only: bool = False) -> Path:
     """Save a tiny SDXL pipeline under folder/sdxl and a tiny TAESD under folder/taesd.
 
-    train_timesteps below the steps a request asks for makes the scheduler refuse that request, every
-    time, with a real pipeline error (the fault tests' "request that always crashes")."""
+    ascii_only: the text encoders know only the ASCII tokens, so any prompt with another character
+    fails inside the pipeline, every time, with a real error (the fault tests' "request that always
+    crashes"); ASCII prompts work."""
     torch.manual_seed(seed)
-    tokenizer = write_clip_tokenizer(folder / "_tokenizer")
-    vocab_size = len(tokenizer)
+    tokenizer = write_clip_tokenizer(folder / "_tokenizer", ascii_first=ascii_only)
+    bos, eos = tokenizer.convert_tokens_to_ids(list(CLIP_SPECIAL_TOKENS))
+    vocab_size = eos + 1 if ascii_only else len(tokenizer)
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_tiny_text_config(vocab_size)),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(vocab_size)),
+        text_encoder=CLIPTextModel(_tiny_text_config(vocab_size, bos, eos)),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(vocab_size, bos, eos)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=_tiny_unet(),
         scheduler=EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            timestep_spacing="leading", steps_offset=1, num_train_timesteps=train_timesteps,
+            timestep_spacing="leading", steps_offset=1,
         ),
     )
     pipe.save_pretrained(folder / "sdxl")

@@ -58,7 +58,8 @@ def test_failing_object_store_retries_then_serves_the_image_itself(tiny_model, t
     try:
         client = Client(app.url, verbose=False)
         image_path, meta = _generate(client, "an image R2 cannot take")
-        assert s3.requests == 5  # botocore standard retries: 5 attempts with backoff
+        attempts = s3.requests
+        assert attempts >= 3  # botocore's standard retries, with backoff
         assert meta["persisted"] is False and meta["url"].startswith(f"{app.url}/outputs/images/")
         with urllib.request.urlopen(meta["url"], timeout=10) as response:
             assert response.read() == open(image_path, "rb").read()
@@ -66,6 +67,7 @@ def test_failing_object_store_retries_then_serves_the_image_itself(tiny_model, t
         assert health["status"] == "degraded" and "not persisted" in health["degraded"]["R2/S3"]["meaning"]
         _, again = _generate(client, "an image R2 cannot take")
         assert again["cached"] is False  # a local-only image is never offered to the fleet as a hit
+        assert again["persisted"] is False and s3.requests == attempts  # uploads paused: no new waits
     finally:
         stop_app(app)
         s3.stop()
@@ -148,14 +150,16 @@ def test_request_crashing_every_time_ends_in_dlq_and_worker_carries_on(tmp_path,
     from tests.sdxl_builder import build_tiny_sdxl
     from tests.test_fleet import _topic_messages
 
-    # This model's scheduler knows 40 timesteps: any request for more steps fails inside the pipeline.
-    build_tiny_sdxl(tmp_path / "fragile", train_timesteps=40)
+    # This model's text encoders know only ASCII tokens: a prompt with any other character fails
+    # inside the pipeline (an embedding lookup out of range), every time; ASCII prompts work.
+    build_tiny_sdxl(tmp_path / "fragile", ascii_only=True)
     fragile = TinyModel(tmp_path / "fragile" / "sdxl", tmp_path / "fragile" / "taesd")
     fleet = Fleet(fragile, tmp_path, kafka_bootstrap, redis_server.url, s3_server, s3_server.bucket())
     try:
         fleet.start_worker("fragile")
         fleet.wait_for_workers(["fragile"])
-        doomed = GenerationRequest.create("always crashes", preset="base", width=256, height=256, steps=45, seed=1)
+        doomed = GenerationRequest.create("a crashing café", preset="base", width=256, height=256, steps=2,
+                                          seed=1)
         fine = GenerationRequest.create("works", preset="base", width=256, height=256, steps=2, seed=1)
         with fleet.client() as client:
             client.submit(doomed)

@@ -1,0 +1,737 @@
+"""Crafterse image generation Space: the composition root.
+
+Reads settings from the environment (here only), builds the pipeline, queue, stores and gateway,
+puts a Gradio UI and API in front of them and serves them. Nothing happens at import: `main()`
+does the work, so tests and benchmarks can import the pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import gradio as gr
+
+from inference.errors import GenerationError, QueueFull, QueueUnavailable, UnknownRequest
+from inference.logcontext import RequestIdFilter, request_context
+from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
+from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
+from queueing.connectivity import check_all, kafka_endpoints, url_endpoint
+from queueing.gateway import FallbackQueue, Gateway
+from queueing.metrics import Metrics
+from queueing.local import LocalQueue
+from queueing.worker import Worker
+from storage.cache import MemoryResultCache
+from storage.health import BackendHealth
+from storage.jobs import MemoryJobStore
+from storage.limits import MemoryRateLimiter, RedisRateLimiter, describe_retry
+from storage.objects import LocallyCachedStore, LocalObjectStore
+
+logger = logging.getLogger("app")
+
+SECONDS_PER_DAY = 24 * 3600
+DERIVED_SEED = -1  # UI/API spelling of "no seed": derive it from the other fields
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Kafka, Redis and R2/S3. Each is used when configured; the embedded default otherwise.
+    Secrets are kept out of repr() so that logging a settings object cannot leak them."""
+
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_topic_prefix: str = "image_generation"
+    kafka_group_id: str | None = None
+    kafka_partitions: int = 12
+    kafka_max_poll_interval_ms: int = 300_000
+    kafka_session_timeout_ms: int = 45_000
+    kafka_consume: bool = True
+    max_attempts: int = 3
+    redis_url: str | None = field(default=None, repr=False)
+    redis_namespace: str = "imagegen"
+    job_ttl_seconds: int = SECONDS_PER_DAY
+    s3_endpoint_url: str | None = None
+    r2_access_key_id: str | None = field(default=None, repr=False)
+    r2_secret_access_key: str | None = field(default=None, repr=False)
+    r2_bucket: str | None = None
+    r2_public_base_url: str | None = None
+    presign_seconds: int = 7 * SECONDS_PER_DAY
+    worker_name: str = ""
+    heartbeat_seconds: float = 5.0
+    kafka_fallback_local: bool = False
+    shutdown_grace_seconds: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
+        account = env.get("R2_ACCOUNT_ID")
+        prefix = env.get("KAFKA_TOPIC_PREFIX") or "image_generation"
+        return cls(
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            kafka_security_protocol=env.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT",
+            kafka_sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
+            kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+            kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+            kafka_topic_prefix=prefix,
+            kafka_group_id=env.get("KAFKA_GROUP_ID") or f"{prefix}.workers",
+            kafka_partitions=int(env.get("KAFKA_PARTITIONS", "12")),
+            kafka_max_poll_interval_ms=int(env.get("KAFKA_MAX_POLL_INTERVAL_MS", "300000")),
+            kafka_session_timeout_ms=int(env.get("KAFKA_SESSION_TIMEOUT_MS", "45000")),
+            kafka_consume=_flag(env.get("KAFKA_CONSUME"), True),
+            max_attempts=int(env.get("MAX_ATTEMPTS", "3")),
+            redis_url=env.get("REDIS_URL") or None,
+            redis_namespace=env.get("REDIS_NAMESPACE") or "imagegen",
+            job_ttl_seconds=int(env.get("JOB_TTL_SECONDS", str(SECONDS_PER_DAY))),
+            s3_endpoint_url=env.get("S3_ENDPOINT_URL") or (
+                f"https://{account}.r2.cloudflarestorage.com" if account else None),
+            r2_access_key_id=env.get("R2_ACCESS_KEY_ID") or None,
+            r2_secret_access_key=env.get("R2_SECRET_ACCESS_KEY") or None,
+            r2_bucket=env.get("R2_BUCKET") or None,
+            r2_public_base_url=env.get("R2_PUBLIC_BASE_URL") or None,
+            presign_seconds=int(env.get("R2_PRESIGN_SECONDS", str(7 * SECONDS_PER_DAY))),
+            worker_name=env.get("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", "5")),
+            kafka_fallback_local=_flag(env.get("KAFKA_FALLBACK_LOCAL"), False),
+            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "20")),
+        )
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.r2_bucket and self.s3_endpoint_url)
+
+    def secrets(self) -> list[str]:
+        """Values that must never be shown (tests scan every output for them)."""
+        return [v for v in (self.kafka_sasl_password, self.r2_secret_access_key, self.r2_access_key_id,
+                            _url_password(self.redis_url)) if v]
+
+    def problems(self) -> list[str]:
+        """Configuration mistakes worth stopping for, in words an operator can act on."""
+        problems = []
+        if self.kafka_bootstrap_servers and not self.redis_url:
+            problems.append("KAFKA_BOOTSTRAP_SERVERS is set but REDIS_URL is not: the fleet keeps job state in "
+                            "Redis so that any Space can answer for any job; set REDIS_URL too")
+        if self.r2_bucket and not self.s3_endpoint_url:
+            problems.append("R2_BUCKET is set but neither R2_ACCOUNT_ID nor S3_ENDPOINT_URL is")
+        if self.r2_bucket and not (self.r2_access_key_id and self.r2_secret_access_key):
+            problems.append("R2_BUCKET is set but R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY are missing")
+        return problems
+
+
+def _url_password(url: str | None) -> str | None:
+    return urlsplit(url).password if url else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every environment variable the app reads, typed, in one place."""
+
+    preset: str = "auto"  # auto: turbo on CPU, lightning on GPU
+    model_id: str | None = None
+    model_revision: str | None = None
+    tiny_vae_id: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    warmup: bool = True
+    output_dir: Path = Path("outputs")
+    output_format: str = "png"
+    public_url: str | None = None
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+    queue_max_size: int = 16
+    cache_max_entries: int = 1024
+    cache_ttl_seconds: int = 7 * SECONDS_PER_DAY
+    request_timeout_seconds: float = 900.0
+    log_level: str = "INFO"
+    rate_limit_per_hour: int = 100
+    max_jobs_per_user: int = 4
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        space_host = env.get("SPACE_HOST")  # set by Hugging Face Spaces: "<owner>-<name>.hf.space"
+        return cls(
+            preset=env.get("MODEL_PRESET", "auto") or "auto",
+            model_id=env.get("MODEL_ID") or None,
+            model_revision=env.get("MODEL_REVISION") or None,
+            tiny_vae_id=env.get("TINY_VAE_ID"),
+            device=env.get("DEVICE", "auto") or "auto",
+            dtype=env.get("DTYPE", "auto") or "auto",
+            warmup=_flag(env.get("WARMUP"), True),
+            output_dir=Path(env.get("OUTPUT_DIR", "outputs")),
+            output_format=env.get("OUTPUT_FORMAT", "png"),
+            public_url=env.get("PUBLIC_URL") or (f"https://{space_host}" if space_host else None),
+            server_name=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+            server_port=int(env.get("GRADIO_SERVER_PORT", "7860")),
+            queue_max_size=int(env.get("QUEUE_MAX_SIZE", "16")),
+            cache_max_entries=int(env.get("CACHE_MAX_ENTRIES", "1024")),
+            cache_ttl_seconds=int(env.get("CACHE_TTL_SECONDS", str(7 * SECONDS_PER_DAY))),
+            request_timeout_seconds=float(env.get("REQUEST_TIMEOUT_SECONDS", "900")),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            rate_limit_per_hour=int(env.get("RATE_LIMIT_PER_HOUR", "100")),
+            max_jobs_per_user=int(env.get("MAX_JOBS_PER_USER", "4")),
+            fleet=FleetSettings.from_env(env),
+        )
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.server_name in ("0.0.0.0", "::", "") else self.server_name
+        return f"http://{host}:{self.server_port}"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    pipeline: Any  # inference.pipeline.ImagePipeline (imported lazily: torch is heavy)
+    identity: ModelIdentity
+    objects: Any
+    cache: Any
+    jobs: Any
+    worker: Worker
+    queue: Any
+    gateway: Gateway
+    health_state: BackendHealth
+    metrics: Metrics
+    limiter: Any
+    consumer: Any = None  # KafkaWorkerLoop when Kafka is configured and this process consumes
+    heartbeat: Any = None
+    fleet: Any = None  # RedisFleet
+    endpoints: list = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.unreachable = check_all(self.endpoints)
+        for problem in self.unreachable:
+            logger.error("%s", problem)
+        self.pipeline.start_loading()
+        self.queue.start()
+        if self.consumer is not None:
+            self.consumer.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+
+    def stop(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.queue.stop()
+
+    def describe_worker(self) -> dict[str, Any]:
+        """This worker as the fleet sees it (heartbeat)."""
+        return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
+                "state": self.pipeline.state, "generations": self.worker.generations,
+                "mean_seconds": round(self.worker.mean_seconds, 2),
+                "request_id": self.consumer.current_request_id if self.consumer else None,
+                "partitions": self.consumer.assigned if self.consumer else 0}
+
+    def health(self) -> dict[str, Any]:
+        """Safe to show anyone: states, names and host:port, never credentials."""
+        pipeline = self.pipeline
+        degraded = self.health_state.degraded()
+        status = {"ready": "degraded" if degraded else "ok", "failed": "failed"}.get(pipeline.state, "starting")
+        health = {
+            "status": status,
+            "model": {
+                "state": pipeline.state,
+                "detail": pipeline.detail,
+                "preset": self.identity.preset,
+                "model": self.identity.model_id,
+                "vae": self.identity.vae,
+                "device": pipeline.device,
+                "dtype": str(pipeline.dtype).removeprefix("torch."),
+                "load_seconds": pipeline.load_seconds,
+            },
+            "queue": {
+                "kind": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "local",
+                "depth": _safe(self.queue.depth, None),
+                "max_size": self.queue.max_size,
+                "running": (self.consumer.current_request_id if self.consumer else self.queue.running_id)
+                is not None,
+            },
+            "backends": {
+                "queue": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "in-process",
+                "cache": "redis" if self.settings.fleet.redis_url else "in-memory",
+                "objects": "s3" if self.settings.fleet.uses_s3 else "local folder",
+            },
+            "degraded": degraded,
+            "unreachable": self.unreachable,
+            "worker": self.settings.fleet.worker_name,
+            "generations": self.worker.generations,
+        }
+        if self.fleet is not None:
+            health["fleet"] = {"workers": _safe(self.fleet.workers, [])}
+        return health
+
+    def render_metrics(self) -> bytes:
+        self.metrics.backlog.set(_safe(self.queue.depth, 0) or 0)
+        if self.pipeline.load_seconds is not None:
+            self.metrics.model_load_seconds.set(self.pipeline.load_seconds)
+        return self.metrics.render()
+
+
+def _safe(call, default):
+    try:
+        return call()
+    except Exception:  # a health page must answer even when a backend is down
+        return default
+
+
+def build_services(settings: Settings, worker_only: bool = False) -> Services:
+    from inference.pipeline import ImagePipeline, LoadOptions, pick_device  # torch: only when building
+
+    fleet = settings.fleet
+    problems = fleet.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    preset_name = settings.preset
+    if preset_name == "auto":
+        preset_name = DEFAULT_GPU_PRESET if pick_device(settings.device) == "cuda" else DEFAULT_CPU_PRESET
+    preset = get_preset(preset_name)
+    identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
+    pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
+    metrics = Metrics()
+    health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
+    objects = _object_store(settings, health)
+    cache, jobs, redis_fleet, claims, limiter = _stores(settings, health)
+    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name,
+                    claims=claims if fleet.kafka_bootstrap_servers else None, metrics=metrics)
+    endpoints = _endpoints(fleet)
+    local = LocalQueue(worker.handle, settings.queue_max_size)
+    if not fleet.kafka_bootstrap_servers:
+        gateway = Gateway(identity, cache, jobs, objects, local, inflight=worker, metrics=metrics)
+        return Services(settings, pipeline, identity, objects, cache, jobs, worker, local, gateway, health, metrics,
+                        limiter, fleet=redis_fleet, endpoints=endpoints)
+    return _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
+                           health, metrics, limiter, local, consume=fleet.kafka_consume or worker_only)
+
+
+def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints, health,
+                    metrics, limiter, local, consume: bool) -> Services:
+    from queueing.fleet import FleetBacklog, Heartbeat
+    from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, LazyProducer
+
+    kafka = _kafka_settings(settings.fleet)
+    producer = LazyProducer(kafka)  # connects on first use: the app starts while Kafka is away
+    shared = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, redis_fleet))
+    queue = FallbackQueue(shared, local if settings.fleet.kafka_fallback_local else None, health)
+    gateway = Gateway(identity, cache, jobs, objects, queue, inflight=None, metrics=metrics)
+    services = Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway, health,
+                        metrics, limiter, fleet=redis_fleet, endpoints=endpoints)
+    if consume:
+        services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer, metrics,
+                                            settings.fleet.shutdown_grace_seconds)
+        services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker,
+                                       settings.fleet.heartbeat_seconds)
+    return services
+
+
+def _kafka_settings(fleet: FleetSettings):
+    from queueing.kafka import KafkaSettings
+
+    return KafkaSettings(
+        bootstrap_servers=fleet.kafka_bootstrap_servers, topic_prefix=fleet.kafka_topic_prefix,
+        group_id=fleet.kafka_group_id, security_protocol=fleet.kafka_security_protocol,
+        sasl_mechanism=fleet.kafka_sasl_mechanism, sasl_username=fleet.kafka_sasl_username,
+        sasl_password=fleet.kafka_sasl_password, partitions=fleet.kafka_partitions,
+        max_poll_interval_ms=fleet.kafka_max_poll_interval_ms, session_timeout_ms=fleet.kafka_session_timeout_ms,
+        max_attempts=fleet.max_attempts)
+
+
+def _object_store(settings: Settings, health: BackendHealth):
+    fleet = settings.fleet
+    local = LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
+    if not fleet.uses_s3:
+        return local
+    from storage.s3 import S3ObjectStore, make_s3_client
+
+    client = make_s3_client(fleet.s3_endpoint_url, fleet.r2_access_key_id, fleet.r2_secret_access_key)
+    remote = S3ObjectStore(client, fleet.r2_bucket, fleet.r2_public_base_url, fleet.presign_seconds)
+    return LocallyCachedStore(remote, local, health)
+
+
+def _stores(settings: Settings, health: BackendHealth):
+    fleet = settings.fleet
+    if not fleet.redis_url:
+        return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None,
+                None, MemoryRateLimiter(settings.rate_limit_per_hour))
+    import redis
+
+    from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache
+    from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientRateLimiter
+
+    client = redis.Redis.from_url(fleet.redis_url, socket_timeout=5, socket_connect_timeout=3,
+                                  health_check_interval=30, retry_on_timeout=True)
+    namespace = fleet.redis_namespace
+    return (ResilientCache(RedisResultCache(client, namespace, settings.cache_ttl_seconds), health),
+            ResilientJobStore(RedisJobStore(client, namespace, fleet.job_ttl_seconds), health),
+            RedisFleet(client, namespace),
+            ResilientClaims(RedisClaims(client, namespace), health),
+            ResilientRateLimiter(RedisRateLimiter(client, namespace, settings.rate_limit_per_hour),
+                                 MemoryRateLimiter(settings.rate_limit_per_hour), health))
+
+
+def _endpoints(fleet: FleetSettings) -> list:
+    endpoints = []
+    if fleet.kafka_bootstrap_servers:
+        endpoints += kafka_endpoints(fleet.kafka_bootstrap_servers)
+    if fleet.redis_url:
+        endpoints.append(url_endpoint("Redis", fleet.redis_url, 6379))
+    if fleet.uses_s3:
+        endpoints.append(url_endpoint("R2/S3", fleet.s3_endpoint_url, 80))
+    return endpoints
+
+
+# ---- Gradio handlers ------------------------------------------------------------------------------
+
+class RawNumber(gr.Number):
+    """A number box whose value reaches our validation as sent. Gradio's own conversion rounds 512.5
+    to 512 silently and refuses "abc" or NaN with a message that names no field."""
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+    def get_block_name(self) -> str:
+        return "number"
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component  # the same widget in the browser
+
+
+def user_of(request: gr.Request | None) -> str:
+    """Who to count limits against: the Hugging Face user when signed in, else the client address
+    (the first X-Forwarded-For hop: on a Space every client arrives through the proxy)."""
+    if request is None:
+        return "anonymous"
+    if getattr(request, "username", None):
+        return f"user:{request.username}"
+    forwarded = (request.headers or {}).get("x-forwarded-for", "")
+    address = forwarded.split(",")[0].strip() or (request.client.host if request.client else "unknown")
+    return f"ip:{address}"
+
+
+class Handlers:
+    """The functions behind the UI events and API endpoints. Errors become gr.Error here, at the edge."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.gateway = services.gateway
+        self._active: dict[str, set[str]] = {}  # user -> request ids submitted here, maybe in flight
+
+    def _request(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                 request_id=None):
+        if seed == DERIVED_SEED:
+            seed = None
+        try:
+            return GenerationRequest.create(
+                prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                self.services.settings.output_format, request_id or None,
+            )
+        except GenerationError as error:
+            raise gr.Error(str(error), title="Invalid input") from None
+
+    def _submit(self, request, user: str):
+        self._admit(user, request.request_id)
+        try:
+            with request_context(request.request_id):
+                job = self.gateway.submit(request)
+        except QueueFull as error:
+            raise gr.Error(str(error), title="Busy") from None
+        except QueueUnavailable as error:
+            raise gr.Error(str(error), title="Queue unavailable") from None
+        except GenerationError as error:
+            raise gr.Error(str(error), title="Invalid input") from None
+        if not job.finished:
+            self._active.setdefault(user, set()).add(job.request_id)
+        return job
+
+    def _admit(self, user: str, request_id: str) -> None:
+        """Per-user limits: requests per hour (fleet-wide with Redis) and jobs in flight (this Space)."""
+        settings, metrics = self.services.settings, self.services.metrics
+        active = {rid for rid in self._active.get(user, set())
+                  if rid != request_id and (job := self.services.jobs.get(rid)) is not None and not job.finished}
+        self._active[user] = active
+        if len(active) >= settings.max_jobs_per_user:
+            metrics.rejected.labels("too_many_in_flight").inc()
+            raise gr.Error(f"you already have {len(active)} requests in progress (at most "
+                           f"{settings.max_jobs_per_user}); wait for one to finish", title="Too many requests")
+        verdict = self.services.limiter.hit(user)
+        if not verdict.allowed:
+            metrics.rejected.labels("rate_limit").inc()
+            raise gr.Error(f"rate limit: {settings.rate_limit_per_hour} requests per hour; try again "
+                           f"{describe_retry(verdict.retry_after_seconds)}", title="Too many requests")
+
+    def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                 request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+        started = time.perf_counter()
+        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
+        job = self._submit(generation, user_of(request))
+        if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
+            yield gr.skip(), gr.skip(), job.request_id
+            for job in self.gateway.follow(job.request_id, self.services.settings.request_timeout_seconds):
+                self._show_progress(progress, job)
+        if not job.finished:
+            raise gr.Error(f"still running after {self.services.settings.request_timeout_seconds:.0f} s; "
+                           f"ask /status with request_id {job.request_id}", title="Timeout")
+        if job.state != "done":
+            raise gr.Error(job.error or job.state, title=job.state.capitalize())
+        result = dict(job.result, seed_derived=not generation.seed_was_given)
+        result["timings"] = dict(result.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
+        yield self._image_file(result), result, job.request_id
+
+    def _show_progress(self, progress, job) -> None:
+        if progress is None:
+            return
+        if job.state == "queued":
+            progress(None, desc=self._queued_text(job))
+        elif job.state == "running" and job.total_steps:
+            progress((job.step, job.total_steps), desc="generating", unit="steps")
+
+    def _queued_text(self, job) -> str:
+        position = self.gateway.queue_position(job)
+        if position:
+            return f"queued (position {position})"
+        estimate = self.services.queue.wait_estimate()
+        return f"queued: {estimate['backlog']} ahead in the fleet, about {estimate['estimated_wait_s']:.0f} s"
+
+    def _image_file(self, result: dict[str, Any]) -> str:
+        return str(self.services.objects.local_path(result["object_key"]))
+
+    def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+               request_id, request: gr.Request) -> str:
+        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                                   request_id)
+        return self._submit(generation, user_of(request)).request_id
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        try:
+            return self.gateway.status((request_id or "").strip())
+        except UnknownRequest as error:
+            raise gr.Error(str(error), title="Unknown request") from None
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        try:
+            return self.gateway.cancel((request_id or "").strip())
+        except UnknownRequest as error:
+            raise gr.Error(str(error), title="Unknown request") from None
+
+    def banner(self) -> tuple[str, Any]:
+        pipeline = self.services.pipeline
+        ready = pipeline.state == "ready"
+        if ready:
+            text = f"Model ready: **{self.services.identity.model_id}** on {pipeline.device} ({pipeline.detail})."
+        elif pipeline.state == "failed":
+            text = f"⚠️ Model failed to load: {pipeline.error}"
+        else:
+            text = f"⏳ Model {pipeline.state}: {pipeline.detail} — requests are queued meanwhile."
+        for problem in self.services.unreachable:
+            text += f"\n\n⚠️ {problem}"
+        for backend, state in self.services.health_state.degraded().items():
+            text += f"\n\n⚠️ {backend} unavailable ({state['reason']}): {state['meaning']}."
+        # Fast while loading; then slow, to keep showing degraded backends as they come and go.
+        return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
+
+
+def _add_to_gallery(result: dict | None, image: str | None, gallery: list) -> tuple[list, list]:
+    if result and image:
+        caption = f"seed {result['seed']}" + (" (cached)" if result.get("cached") else "")
+        gallery = [(image, caption)] + list(gallery or [])
+    return gallery, gallery
+
+
+def build_ui(services: Services):
+    handlers = Handlers(services)
+    preset = get_preset(services.identity.preset)
+    with gr.Blocks(title="Crafterse image generation") as demo:
+        gr.Markdown("# Crafterse image generation")
+        banner = gr.Markdown(elem_id="model-banner")
+        timer = gr.Timer(1.0)
+        request_state = gr.State(None)
+        gallery_state = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=3, max_length=2000, elem_id="prompt",
+                                    placeholder="a mossy stone golem guarding a crystal cave, game art")
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=2, max_length=2000)
+                preset_choice = gr.Dropdown([preset.name], value=preset.name, label="Preset", allow_custom_value=True,
+                                            info=preset.description)
+                # Plain number boxes, not sliders: out-of-range values must reach our validation, whose
+                # messages name the field (a slider refuses them with a message that names nothing).
+                with gr.Row():
+                    width = RawNumber(preset.width, label="Width", precision=0, step=8,
+                                      info=f"multiple of 8, {MIN_SIDE}..{MAX_SIDE}")
+                    height = RawNumber(preset.height, label="Height", precision=0, step=8,
+                                       info=f"multiple of 8, {MIN_SIDE}..{MAX_SIDE}")
+                with gr.Row():
+                    steps = RawNumber(preset.default_steps, label="Steps", precision=0,
+                                      info=f"1..{preset.max_steps}")
+                    guidance = RawNumber(preset.guidance_scale, label="Guidance scale", step=0.5,
+                                         info=f"0..{MAX_GUIDANCE:g} (0 for turbo/lightning)")
+                with gr.Row():
+                    # The browser shows an empty number box as 0, so "derived" needs a value of its own.
+                    seed = RawNumber(value=DERIVED_SEED, label="Seed", precision=0,
+                                     info=f"{DERIVED_SEED}: derived from the prompt (same prompt, same image); "
+                                          f"or 0..{MAX_SEED}")
+                    randomize = gr.Button("Randomize seed", size="sm")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_btn = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=3):
+                image = gr.Image(label="Image", type="filepath", format="png", elem_id="result-image",
+                                 interactive=False)
+                metadata = gr.JSON(label="Metadata", elem_id="metadata")
+                gallery = gr.Gallery(label="This session", columns=4, height=240)
+        with gr.Accordion("Jobs (queue without waiting, status, cancel)", open=False):
+            request_id = gr.Textbox(label="Request id (optional on submit: makes retries idempotent)")
+            with gr.Row():
+                submit_btn = gr.Button("Submit")
+                status_btn = gr.Button("Status")
+                cancel_id_btn = gr.Button("Cancel this id")
+            job_info = gr.JSON(label="Job")
+
+        inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
+        generate_btn.click(
+            handlers.generate, inputs, [image, metadata, request_state], api_name="generate",
+            concurrency_limit=None,
+        ).then(_add_to_gallery, [metadata, image, gallery_state], [gallery, gallery_state],
+               api_visibility="private")
+        cancel_btn.click(handlers.cancel, request_state, job_info, api_name="cancel_current",
+                         api_visibility="private")
+        randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
+        submit_btn.click(handlers.submit, inputs + [request_id], request_id, api_name="submit")
+        status_btn.click(handlers.status, request_id, job_info, api_name="status")
+        cancel_id_btn.click(handlers.cancel, request_id, job_info, api_name="cancel")
+        # Liveness through Gradio's own queue (monitors; the benchmark's no-op baseline). Undocumented.
+        ping_btn = gr.Button(visible=False)
+        ping_btn.click(lambda: "pong", None, gr.Textbox(visible=False), api_name="ping",
+                       api_visibility="undocumented")
+        timer.tick(handlers.banner, None, [banner, timer], api_visibility="private")
+        demo.load(handlers.banner, None, [banner, timer], api_visibility="private")
+    # Our own queue bounds the work; Gradio's only needs room for everyone waiting on it.
+    demo.queue(max_size=max(64, services.settings.queue_max_size * 4), default_concurrency_limit=8)
+    return demo
+
+
+def build_app(services: Services):
+    """FastAPI app: /healthz, the output folder under /outputs, and the Gradio UI + API at /."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from fastapi.staticfiles import StaticFiles
+
+    output_dir = services.settings.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        health = services.health()
+        return JSONResponse(health, status_code=503 if health["status"] == "failed" else 200)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(services.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    app.mount("/outputs", StaticFiles(directory=output_dir), name="outputs")
+    return gr.mount_gradio_app(app, build_ui(services), path="/", allowed_paths=[str(output_dir.resolve())],
+                               ssr_mode=False, footer_links=["api", "gradio"])
+
+
+def _exit_when_model_fails(services: Services, server, exit_code: list[int]) -> None:
+    """A Space whose model cannot load should stop with the reason, not serve errors forever."""
+    try:
+        services.pipeline.wait_ready()
+    except Exception as error:
+        logger.error("%s", error)
+        exit_code[0] = 2
+        server.should_exit = True
+
+
+def serve(services: Services) -> int:
+    import uvicorn
+
+    settings = services.settings
+    app = build_app(services)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.server_name, port=settings.server_port,
+                                           log_level="warning"))
+    exit_code = [0]
+    threading.Thread(target=_exit_when_model_fails, args=(services, server, exit_code), daemon=True).start()
+    logger.info("serving on http://%s:%d (public URL %s)", settings.server_name, settings.server_port,
+                settings.base_url)
+    server.run()
+    services.stop()
+    return exit_code[0]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_worker(services: Services) -> int:
+    """Headless fleet member (`python app.py --worker`): consumes the request topic, no UI."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    services.start()
+    logger.info("worker %s consuming %s.requests", services.settings.fleet.worker_name,
+                services.settings.fleet.kafka_topic_prefix)
+    exit_code = 0
+    while not stop.wait(0.5):
+        if services.pipeline.state == "failed":
+            logger.error("%s", services.pipeline.error)
+            exit_code = 2
+            break
+    services.stop()  # warm: the job in hand finishes and is committed before the group is left
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true",
+                        help="run only the Kafka consumer (no UI): a GPU or CPU machine joining the fleet")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)
+    if args.worker and not settings.fleet.kafka_bootstrap_servers:
+        logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS (and REDIS_URL): it serves the fleet's topic")
+        return 2
+    try:
+        services = build_services(settings, worker_only=args.worker)
+    except Exception as error:  # bad configuration (unknown preset...): one line, no traceback
+        logger.error("%s", error)
+        return 2
+    if args.worker:
+        return run_worker(services)
+    services.start()
+    return serve(services)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
