@@ -670,8 +670,13 @@ def serve(services: Services) -> int:
 
     settings = services.settings
     app = build_app(services)
+    # Open streams (browser tabs, clients' event streams) would hold a graceful shutdown forever.
     server = uvicorn.Server(uvicorn.Config(app, host=settings.server_name, port=settings.server_port,
-                                           log_level="warning"))
+                                           log_level="warning", timeout_graceful_shutdown=3))
+    # uvicorn handles SIGTERM itself, then raises it again once the server is down; with these
+    # handlers in place that second raise returns here, so the worker shuts down warm (services.stop).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     exit_code = [0]
     threading.Thread(target=_exit_when_model_fails, args=(services, server, exit_code), daemon=True).start()
     logger.info("serving on http://%s:%d (public URL %s)", settings.server_name, settings.server_port,

@@ -44,27 +44,33 @@ class MemoryRateLimiter:
 
 
 class RedisRateLimiter:
-    """The same sliding window in a sorted set per user, so every Space counts the same hits."""
+    """The same sliding window in a sorted set per user, so every Space counts the same hits. One Lua
+    script checks and records atomically: two Spaces admitting at once cannot both take the last slot."""
+
+    _HIT = """
+    local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+    redis.call('ZREMRANGEBYSCORE', key, 0, now - window)
+    if redis.call('ZCARD', key) >= limit then
+        local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return {0, oldest[2]}
+    end
+    redis.call('ZADD', key, now, ARGV[4])
+    redis.call('EXPIRE', key, math.ceil(window))
+    return {1, '0'}
+    """
 
     def __init__(self, client: redis.Redis, namespace: str, limit: int, window_seconds: float = 3600.0) -> None:
         self.client, self.namespace = client, namespace
         self.limit, self.window_seconds = limit, window_seconds
+        self._hit = client.register_script(self._HIT)
 
     def hit(self, user: str) -> Verdict:
-        key = f"{self.namespace}:rate:{user}"
         now = time.time()
-        pipe = self.client.pipeline()
-        pipe.zremrangebyscore(key, 0, now - self.window_seconds)
-        pipe.zcard(key)
-        pipe.zrange(key, 0, 0, withscores=True)
-        _, count, oldest = pipe.execute()
-        if count >= self.limit:
-            return Verdict(False, oldest[0][1] + self.window_seconds - now if oldest else self.window_seconds)
-        pipe = self.client.pipeline()
-        pipe.zadd(key, {f"{now}:{uuid.uuid4().hex[:8]}": now})
-        pipe.expire(key, math.ceil(self.window_seconds))
-        pipe.execute()
-        return Verdict(True)
+        allowed, oldest = self._hit(keys=[f"{self.namespace}:rate:{user}"],
+                                    args=[now, self.window_seconds, self.limit, f"{now}:{uuid.uuid4().hex[:8]}"])
+        if allowed:
+            return Verdict(True)
+        return Verdict(False, float(oldest) + self.window_seconds - now)
 
 
 def describe_retry(seconds: float) -> str:

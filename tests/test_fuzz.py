@@ -34,7 +34,7 @@ numbers = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(
                     st.text(max_size=10), st.lists(st.integers(), max_size=2))
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(FIELDS), any_json, max_size=len(FIELDS)))
 def test_any_values_give_a_request_or_an_error_naming_a_field(values: dict) -> None:
     try:
@@ -47,7 +47,7 @@ def test_any_values_give_a_request_or_an_error_naming_a_field(values: dict) -> N
     assert math.isfinite(request.guidance_scale)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.one_of(st.binary(max_size=300), any_json.map(lambda v: json.dumps(v).encode()),
                  st.dictionaries(st.sampled_from(["v", "request", "attempt", "extra"]), any_json)
                  .map(lambda d: json.dumps(d).encode()),

@@ -56,7 +56,7 @@ def test_jobs_in_flight_are_capped_per_user(tiny_model, tmp_path) -> None:
     app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", MAX_JOBS_PER_USER="1")
     try:
         client = _client(app, "192.0.2.1")
-        slow = {**SMALL, "width": 1024, "height": 1024, "steps": 40}
+        slow = {**SMALL, "width": 512, "height": 512, "steps": 40}
         first = client.predict(prompt="slow one", seed=1, request_id="", **slow, api_name="/submit")
         with pytest.raises(AppError, match="already have 1 requests in progress"):
             client.predict(prompt="slow two", seed=2, request_id="", **slow, api_name="/submit")
@@ -69,7 +69,7 @@ def test_jobs_in_flight_are_capped_per_user(tiny_model, tmp_path) -> None:
 def test_full_queue_says_busy_to_concurrent_clients(tiny_model, tmp_path) -> None:
     app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", QUEUE_MAX_SIZE="1", MAX_JOBS_PER_USER="10")
     try:
-        slow = {**SMALL, "width": 1024, "height": 1024, "steps": 20}
+        slow = {**SMALL, "width": 512, "height": 512, "steps": 20}
         clients = [_client(app, f"192.0.2.{i}") for i in range(4)]
 
         def submit(i: int) -> str:
