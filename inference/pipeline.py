@@ -144,6 +144,9 @@ class ImagePipeline:
         scheduler_class = getattr(diffusers, preset.scheduler)
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(preset.scheduler_options))
         pipe.set_progress_bar_config(disable=True)
+        # Decoders are conv-heavy: channels-last is what oneDNN's CPU convolutions want (bench/decode.py:
+        # TAESD 0.74 -> 0.49 s, full VAE 8.3 -> 6.9 s at 512x512 in bf16). The UNet gains nothing.
+        pipe.vae.to(memory_format=torch.channels_last)
         return pipe.to(self.device)
 
     def _from_pretrained(self, cls: type, source: str, setting: str, what: str, revision: str = "main"):
