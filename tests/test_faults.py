@@ -176,3 +176,34 @@ def test_request_crashing_every_time_ends_in_dlq_and_worker_carries_on(tmp_path,
         assert fleet.processes["fragile"].poll() is None  # still alive
     finally:
         fleet.stop_all()
+
+
+def test_dead_letters_are_replayed_once_the_cause_is_fixed(fleet) -> None:
+    from inference.request import GenerationRequest
+    from queueing.dlq import main as dlq_main
+
+    fleet.start_worker("base-only")  # serves the base preset only
+    fleet.wait_for_workers(["base-only"])
+    lost = GenerationRequest.create("a turbo request nobody serves", preset="turbo", width=256, height=256,
+                                    steps=1, seed=5)
+    with fleet.client() as client:
+        client.submit(lost)
+        failed = client.wait(lost.request_id, timeout=120)
+        assert failed["state"] == "failed" and "not served by worker base-only" in failed["error"]
+        from tests.services import stop_process
+
+        stop_process(fleet.processes["base-only"])  # the fix: this fleet now runs the turbo preset
+        fleet.start_worker("turbo", MODEL_PRESET="turbo")
+        fleet.wait_for_workers(["turbo"])
+        env = {"KAFKA_BOOTSTRAP_SERVERS": fleet.bootstrap, "KAFKA_TOPIC_PREFIX": fleet.prefix}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            assert dlq_main(["replay"]) == 0
+            assert dlq_main(["replay"]) == 0  # a second run resends nothing
+        deadline = time.monotonic() + 120
+        _, jobs = fleet.redis_fleet()
+        while jobs.get(lost.request_id).state != "done":
+            assert time.monotonic() < deadline, jobs.get(lost.request_id)
+            time.sleep(0.2)
+    assert jobs.get(lost.request_id).worker == "turbo"
