@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from queueing.kafka import KafkaSettings, LazyProducer, RequestSender
 from queueing.messages import MalformedMessage, decode_request, encode_request
@@ -38,11 +38,19 @@ def settings_from_env(env: dict[str, str]) -> KafkaSettings:
     )
 
 
-def read_dead_letters(settings: KafkaSettings, group: str | None, timeout_ms: int = 3000) -> tuple[KafkaConsumer, list]:
-    consumer = KafkaConsumer(settings.dlq_topic, group_id=group, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=timeout_ms,
+def read_dead_letters(settings: KafkaSettings, group: str | None) -> tuple[KafkaConsumer, list]:
+    """Everything from the group's committed offsets (or the start) to the current end. Partitions are
+    assigned, not subscribed: no group join to wait for, and commits still land under `group`."""
+    consumer = KafkaConsumer(group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                              **settings.client_options())
-    return consumer, list(consumer)
+    partitions = [TopicPartition(settings.dlq_topic, p) for p in consumer.partitions_for_topic(settings.dlq_topic) or ()]
+    consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions)
+    messages = []
+    while any(consumer.position(p) < ends[p] for p in partitions):
+        for batch in consumer.poll(timeout_ms=1000).values():
+            messages.extend(batch)
+    return consumer, messages
 
 
 def _original_request(entry: dict[str, Any]):
