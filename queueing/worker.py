@@ -87,11 +87,11 @@ class Worker:
 
     def cancel(self, request_id: str) -> None:
         job = self.jobs.update(request_id, cancel_requested=True)
-        with self._lock:
-            members = self._groups.get(job.fingerprint, [])
-            others_active = any(
-                not (self.jobs.get(m) and self.jobs.get(m).cancel_requested) for m in members if m != request_id
-            )
+        members = self._members(job.fingerprint)
+        others_active = any(
+            (other := self.jobs.get(m)) is None or not other.cancel_requested
+            for m in members if m != request_id
+        )
         # A running job alone in its group stops at the next step (the worker marks it);
         # otherwise this member leaves now and the generation goes on for the others.
         if job.state == QUEUED or others_active or request_id not in members:

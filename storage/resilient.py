@@ -6,6 +6,7 @@ itself; a job created during the outage is written to Redis at its next change."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -16,26 +17,26 @@ from storage.jobs import Job, MemoryJobStore
 NAME = "Redis"
 
 
+def guarded(health: BackendHealth, call: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+    """call(*args), recording Redis as up or down; default while it is down."""
+    try:
+        result = call(*args)
+    except redis.RedisError as error:
+        health.down(NAME, error)
+        return default
+    health.up(NAME)
+    return result
+
+
 class ResilientCache:
     def __init__(self, primary: Any, health: BackendHealth) -> None:
         self.primary, self.health = primary, health
 
     def get(self, fingerprint: str) -> dict[str, Any] | None:
-        try:
-            found = self.primary.get(fingerprint)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return None
-        self.health.up(NAME)
-        return found
+        return guarded(self.health, self.primary.get, fingerprint)
 
     def put(self, fingerprint: str, result: dict[str, Any]) -> None:
-        try:
-            self.primary.put(fingerprint, result)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return
-        self.health.up(NAME)
+        guarded(self.health, self.primary.put, fingerprint, result)
 
 
 class ResilientJobStore:
@@ -98,23 +99,13 @@ class ResilientClaims:
         self.primary, self.health = primary, health
 
     def claim(self, fingerprint: str, holder: str) -> str | None:
-        try:
-            return self.primary.claim(fingerprint, holder)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return None
+        return guarded(self.health, self.primary.claim, fingerprint, holder)
 
     def renew(self, fingerprint: str, holder: str) -> None:
-        try:
-            self.primary.renew(fingerprint, holder)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
+        guarded(self.health, self.primary.renew, fingerprint, holder)
 
     def release(self, fingerprint: str, holder: str) -> None:
-        try:
-            self.primary.release(fingerprint, holder)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
+        guarded(self.health, self.primary.release, fingerprint, holder)
 
 
 class ResilientRateLimiter:

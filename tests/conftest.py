@@ -97,6 +97,17 @@ def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name:
     raise RuntimeError(f"app not ready after {timeout} s:\n{app.log()}")
 
 
+def wait_for_status(client, request_id: str, predicate, timeout: float = 60.0) -> dict:
+    """Polls /status through gradio_client until predicate(status) holds."""
+    deadline, status = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        status = client.predict(request_id=request_id, api_name="/status")
+        if predicate(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last status {status}")
+
+
 def stop_app(app: RunningApp) -> None:
     app.process.terminate()
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from inference.images import read_parameters
-from tests.conftest import get_json
+from tests.conftest import get_json, wait_for_status
 
 SMALL = {"negative_prompt": "", "preset": "base", "width": 256, "height": 256, "steps": 2,
          "guidance_scale": 5.0}
@@ -66,21 +65,11 @@ def test_bad_input_is_an_error_naming_the_field(client, overrides: dict, field: 
     assert "Traceback" not in str(raised.value)
 
 
-def _wait_for(client, request_id: str, predicate, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.predict(request_id=request_id, api_name="/status")
-        if predicate(status):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"timed out; last status {status}")
-
-
 def test_submit_then_status_until_done(client) -> None:
     request_id = client.predict(prompt="a submitted castle", seed=5, request_id="castle-5", **SMALL,
                                 api_name="/submit")
     assert request_id == "castle-5"
-    done = _wait_for(client, request_id, lambda s: s["state"] == "done")
+    done = wait_for_status(client, request_id, lambda s: s["state"] == "done")
     assert done["step"] == done["total_steps"] == 2 and done["result"]["url"].endswith(".png")
     again = client.predict(prompt="a submitted castle", seed=5, request_id="castle-5", **SMALL,
                            api_name="/submit")
@@ -90,10 +79,10 @@ def test_submit_then_status_until_done(client) -> None:
 def test_cancel_mid_generation(client) -> None:
     slow = {**SMALL, "width": 1024, "height": 1024, "steps": 50, "guidance_scale": 7.5}
     request_id = client.predict(prompt="a slow cathedral", seed=1, request_id="", **slow, api_name="/submit")
-    running = _wait_for(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
+    running = wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
     assert running["total_steps"] == 50 and running["queue_position"] == 0
     client.predict(request_id=request_id, api_name="/cancel")
-    cancelled = _wait_for(client, request_id, lambda s: s["state"] != "running")
+    cancelled = wait_for_status(client, request_id, lambda s: s["state"] != "running")
     assert cancelled["state"] == "cancelled" and cancelled["step"] < 50
     assert "cancelled" in cancelled["error"] and cancelled["result"] is None
 

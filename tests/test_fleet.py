@@ -13,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from inference.images import read_parameters
 from inference.request import GenerationRequest
+from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -92,16 +93,6 @@ def test_stored_object_has_content_type_metadata_and_fetchable_url(fleet) -> Non
     assert Image.open(io.BytesIO(data)).size == (256, 256)
 
 
-def _wait_status(client, request_id: str, predicate, timeout: float = 60.0) -> dict:
-    deadline, seen = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        seen = client.predict(request_id=request_id, api_name="/status")
-        if predicate(seen):
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"timed out; last status {seen}")
-
-
 def test_request_on_instance_a_is_generated_by_b_and_a_follows_it(fleet) -> None:
     from gradio_client import Client
 
@@ -112,9 +103,9 @@ def test_request_on_instance_a_is_generated_by_b_and_a_follows_it(fleet) -> None
     slow = {"negative_prompt": "", "preset": "base", "width": 512, "height": 512, "steps": 30,
             "guidance_scale": 5.0}
     request_id = client.predict(prompt="a far-away forge", seed=8, request_id="", **slow, api_name="/submit")
-    running = _wait_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
+    running = wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
     assert running["worker"] == "b" and running["total_steps"] == 30
-    done = _wait_status(client, request_id, lambda s: s["state"] == "done")
+    done = wait_for_status(client, request_id, lambda s: s["state"] == "done")
     assert done["result"]["worker"] == "b" and done["step"] == 30
 
     # Another instance asking the same thing gets the cached image: no generation, the same object.
