@@ -45,7 +45,7 @@ def test_rate_limit_is_per_user_and_shared_by_the_fleet(tiny_model, tmp_path, re
             outcomes = list(pool.map(lambda i: _try(greedy[i % 2], f"greedy {i}"), range(6)))
         assert outcomes.count("ok") == 4, outcomes  # 4 per hour across both Spaces
         refused = [o for o in outcomes if o != "ok"]
-        assert all("rate limit: 4 requests per hour; try again in" in o and "minute" in o for o in refused)
+        assert all("rate limit: 4 requests per hour; try again in" in o and "minute" in o for o in refused), outcomes
         assert _try(_client(app_b, "198.51.100.2"), "someone else") == "ok"  # others are not starved
     finally:
         stop_app(app_a)
