@@ -8,6 +8,8 @@ does the work, so tests and benchmarks can import the pieces.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -16,18 +18,20 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import gradio as gr
 
-from inference.errors import GenerationError, QueueFull, QueueUnavailable, UnknownRequest
+from inference.errors import GenerationError, QueueFull, QueueUnavailable, TooManyRequests, UnknownRequest
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
 from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
+from queueing.admission import Admission, Caller, identify, may_see, scoped_request_id
 from queueing.connectivity import check_all, kafka_endpoints, url_endpoint
 from queueing.gateway import FallbackQueue, Gateway
 from queueing.metrics import Metrics
@@ -35,8 +39,8 @@ from queueing.local import LocalQueue
 from queueing.worker import Worker
 from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
-from storage.jobs import MemoryJobStore
-from storage.limits import MemoryRateLimiter, RedisRateLimiter, describe_retry
+from storage.jobs import Job, MemoryJobStore
+from storage.limits import MemoryInflightLimit, MemoryRateLimiter
 from storage.objects import LocallyCachedStore, LocalObjectStore
 
 logger = logging.getLogger("app")
@@ -45,10 +49,41 @@ SECONDS_PER_DAY = 24 * 3600
 DERIVED_SEED = -1  # UI/API spelling of "no seed": derive it from the other fields
 
 
-def _flag(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+class EnvReader:
+    """Typed environment variables through starlette's Config, whose errors name the variable
+    ("Config 'KAFKA_PARTITIONS' has value 'abc'. Not a valid int."). Empty values count as unset,
+    as they do on a Space whose variable was cleared."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        from starlette.config import Config
+
+        self.env = {k: v for k, v in env.items() if v != ""}
+        self._config = Config(environ=self.env)
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        return self.env.get(name, default)
+
+    def int(self, name: str, default: int, minimum: int = 0) -> int:
+        return self._at_least(name, self._config(name, cast=int, default=default), minimum)
+
+    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        return self._at_least(name, self._config(name, cast=float, default=default), minimum)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.env.get(name)
+        if value is None:
+            return default
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"Config {name!r} has value {value!r}. Not a valid bool (use 1 or 0).")
+
+    @staticmethod
+    def _at_least(name: str, value, minimum):
+        if value < minimum:
+            raise ValueError(f"Config {name!r} has value {value!r}. It must be at least {minimum}.")
+        return value
 
 
 @dataclass(frozen=True)
@@ -81,38 +116,43 @@ class FleetSettings:
     heartbeat_seconds: float = 5.0
     kafka_fallback_local: bool = False
     shutdown_grace_seconds: float = 20.0
+    local_fleet: bool = False  # operator accepts images that only the clone which made them can serve
+    claim_ttl_seconds: int = 30  # a dead worker's hold on a request expires after this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
-        account = env.get("R2_ACCOUNT_ID")
-        prefix = env.get("KAFKA_TOPIC_PREFIX") or "image_generation"
+        read = EnvReader(env)
+        account = read.str("R2_ACCOUNT_ID")
+        prefix = read.str("KAFKA_TOPIC_PREFIX", "image_generation")
         return cls(
-            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
-            kafka_security_protocol=env.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT",
-            kafka_sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
-            kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
-            kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+            kafka_bootstrap_servers=read.str("KAFKA_BOOTSTRAP_SERVERS"),
+            kafka_security_protocol=read.str("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+            kafka_sasl_mechanism=read.str("KAFKA_SASL_MECHANISM"),
+            kafka_sasl_username=read.str("KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=read.str("KAFKA_SASL_PASSWORD"),
             kafka_topic_prefix=prefix,
-            kafka_group_id=env.get("KAFKA_GROUP_ID") or f"{prefix}.workers",
-            kafka_partitions=int(env.get("KAFKA_PARTITIONS", "12")),
-            kafka_max_poll_interval_ms=int(env.get("KAFKA_MAX_POLL_INTERVAL_MS", "300000")),
-            kafka_session_timeout_ms=int(env.get("KAFKA_SESSION_TIMEOUT_MS", "45000")),
-            kafka_consume=_flag(env.get("KAFKA_CONSUME"), True),
-            max_attempts=int(env.get("MAX_ATTEMPTS", "3")),
-            redis_url=env.get("REDIS_URL") or None,
-            redis_namespace=env.get("REDIS_NAMESPACE") or "imagegen",
-            job_ttl_seconds=int(env.get("JOB_TTL_SECONDS", str(SECONDS_PER_DAY))),
-            s3_endpoint_url=env.get("S3_ENDPOINT_URL") or (
+            kafka_group_id=read.str("KAFKA_GROUP_ID", f"{prefix}.workers"),
+            kafka_partitions=read.int("KAFKA_PARTITIONS", 12, minimum=1),
+            kafka_max_poll_interval_ms=read.int("KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1000),
+            kafka_session_timeout_ms=read.int("KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1000),
+            kafka_consume=read.flag("KAFKA_CONSUME", True),
+            max_attempts=read.int("MAX_ATTEMPTS", 3, minimum=1),
+            redis_url=read.str("REDIS_URL"),
+            redis_namespace=read.str("REDIS_NAMESPACE", "imagegen"),
+            job_ttl_seconds=read.int("JOB_TTL_SECONDS", SECONDS_PER_DAY, minimum=60),
+            s3_endpoint_url=read.str("S3_ENDPOINT_URL") or (
                 f"https://{account}.r2.cloudflarestorage.com" if account else None),
-            r2_access_key_id=env.get("R2_ACCESS_KEY_ID") or None,
-            r2_secret_access_key=env.get("R2_SECRET_ACCESS_KEY") or None,
-            r2_bucket=env.get("R2_BUCKET") or None,
-            r2_public_base_url=env.get("R2_PUBLIC_BASE_URL") or None,
-            presign_seconds=int(env.get("R2_PRESIGN_SECONDS", str(7 * SECONDS_PER_DAY))),
-            worker_name=env.get("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
-            heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", "5")),
-            kafka_fallback_local=_flag(env.get("KAFKA_FALLBACK_LOCAL"), False),
-            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "20")),
+            r2_access_key_id=read.str("R2_ACCESS_KEY_ID"),
+            r2_secret_access_key=read.str("R2_SECRET_ACCESS_KEY"),
+            r2_bucket=read.str("R2_BUCKET"),
+            r2_public_base_url=read.str("R2_PUBLIC_BASE_URL"),
+            presign_seconds=read.int("R2_PRESIGN_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
+            worker_name=read.str("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            heartbeat_seconds=read.float("HEARTBEAT_SECONDS", 5.0, minimum=0.1),
+            kafka_fallback_local=read.flag("KAFKA_FALLBACK_LOCAL", False),
+            shutdown_grace_seconds=read.float("SHUTDOWN_GRACE_SECONDS", 20.0),
+            local_fleet=read.flag("ALLOW_LOCAL_IMAGES_IN_FLEET", False),
+            claim_ttl_seconds=read.int("CLAIM_TTL_SECONDS", 30, minimum=2),
         )
 
     @property
@@ -134,6 +174,10 @@ class FleetSettings:
             problems.append("R2_BUCKET is set but neither R2_ACCOUNT_ID nor S3_ENDPOINT_URL is")
         if self.r2_bucket and not (self.r2_access_key_id and self.r2_secret_access_key):
             problems.append("R2_BUCKET is set but R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY are missing")
+        if self.kafka_bootstrap_servers and not self.uses_s3 and not self.local_fleet:
+            problems.append("KAFKA_BOOTSTRAP_SERVERS is set but R2_BUCKET is not: an image made by one clone "
+                            "could not be served by the others; set the R2/S3 variables (or "
+                            "ALLOW_LOCAL_IMAGES_IN_FLEET=1 for a fleet of clones on one machine)")
         return problems
 
 
@@ -162,33 +206,39 @@ class Settings:
     cache_ttl_seconds: int = 7 * SECONDS_PER_DAY
     request_timeout_seconds: float = 900.0
     log_level: str = "INFO"
-    rate_limit_per_hour: int = 100
-    max_jobs_per_user: int = 4
+    rate_limit_per_hour: int = 100  # 0: no hourly limit
+    max_jobs_per_user: int = 4  # 0: no cap on requests in flight
+    trusted_proxy_hops: int = 0  # proxies in front of the app that append to X-Forwarded-For (1 on a Space)
+    output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
     fleet: FleetSettings = field(default_factory=FleetSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        space_host = env.get("SPACE_HOST")  # set by Hugging Face Spaces: "<owner>-<name>.hf.space"
+        read = EnvReader(env)
+        space_host = read.str("SPACE_HOST")  # set by Hugging Face Spaces: "<owner>-<name>.hf.space"
+        on_space = bool(read.str("SPACE_ID") or space_host)
         return cls(
-            preset=env.get("MODEL_PRESET", "auto") or "auto",
-            model_id=env.get("MODEL_ID") or None,
-            model_revision=env.get("MODEL_REVISION") or None,
-            tiny_vae_id=env.get("TINY_VAE_ID"),
-            device=env.get("DEVICE", "auto") or "auto",
-            dtype=env.get("DTYPE", "auto") or "auto",
-            warmup=_flag(env.get("WARMUP"), True),
-            output_dir=Path(env.get("OUTPUT_DIR", "outputs")),
-            output_format=env.get("OUTPUT_FORMAT", "png"),
-            public_url=env.get("PUBLIC_URL") or (f"https://{space_host}" if space_host else None),
-            server_name=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-            server_port=int(env.get("GRADIO_SERVER_PORT", "7860")),
-            queue_max_size=int(env.get("QUEUE_MAX_SIZE", "16")),
-            cache_max_entries=int(env.get("CACHE_MAX_ENTRIES", "1024")),
-            cache_ttl_seconds=int(env.get("CACHE_TTL_SECONDS", str(7 * SECONDS_PER_DAY))),
-            request_timeout_seconds=float(env.get("REQUEST_TIMEOUT_SECONDS", "900")),
-            log_level=env.get("LOG_LEVEL", "INFO").upper(),
-            rate_limit_per_hour=int(env.get("RATE_LIMIT_PER_HOUR", "100")),
-            max_jobs_per_user=int(env.get("MAX_JOBS_PER_USER", "4")),
+            preset=read.str("MODEL_PRESET", "auto"),
+            model_id=read.str("MODEL_ID"),
+            model_revision=read.str("MODEL_REVISION"),
+            tiny_vae_id=read.str("TINY_VAE_ID"),
+            device=read.str("DEVICE", "auto"),
+            dtype=read.str("DTYPE", "auto"),
+            warmup=read.flag("WARMUP", True),
+            output_dir=Path(read.str("OUTPUT_DIR", "outputs")),
+            output_format=read.str("OUTPUT_FORMAT", "png"),
+            output_cache_max_bytes=read.int("OUTPUT_CACHE_MAX_BYTES", 2 * 1024**3, minimum=1024**2),
+            public_url=read.str("PUBLIC_URL") or (f"https://{space_host}" if space_host else None),
+            server_name=read.str("GRADIO_SERVER_NAME", "127.0.0.1"),
+            server_port=read.int("GRADIO_SERVER_PORT", 7860, minimum=1),
+            queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
+            cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
+            cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
+            request_timeout_seconds=read.float("REQUEST_TIMEOUT_SECONDS", 900.0, minimum=1.0),
+            log_level=read.str("LOG_LEVEL", "INFO").upper(),
+            rate_limit_per_hour=read.int("RATE_LIMIT_PER_HOUR", 100),
+            max_jobs_per_user=read.int("MAX_JOBS_PER_USER", 4),
+            trusted_proxy_hops=read.int("TRUSTED_PROXY_HOPS", 1 if on_space else 0),
             fleet=FleetSettings.from_env(env),
         )
 
@@ -213,8 +263,8 @@ class Services:
     gateway: Gateway
     health_state: BackendHealth
     metrics: Metrics
-    limiter: Any
-    consumer: Any = None  # KafkaWorkerLoop when Kafka is configured and this process consumes
+    admission: Admission
+    consumer: Any = None  # queueing.consumer.KafkaWorkerLoop when Kafka is configured and this process consumes
     heartbeat: Any = None
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
@@ -227,7 +277,7 @@ class Services:
         self.pipeline.start_loading()
         self.queue.start()
         if self.consumer is not None:
-            self.consumer.start()
+            self.consumer.start()  # joins the group only once the model is loaded
         if self.heartbeat is not None:
             self.heartbeat.start()
 
@@ -239,18 +289,31 @@ class Services:
         self.queue.stop()
 
     def describe_worker(self) -> dict[str, Any]:
-        """This worker as the fleet sees it (heartbeat)."""
+        """This worker as the fleet sees it (heartbeat). No request ids: they are capabilities."""
         return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
                 "state": self.pipeline.state, "generations": self.worker.generations,
                 "mean_seconds": round(self.worker.mean_seconds, 2),
-                "request_id": self.consumer.current_request_id if self.consumer else None,
+                "busy": bool(self.consumer.busy) if self.consumer else False,
+                "consumer": self.consumer.status.state if self.consumer else "none",
                 "partitions": self.consumer.assigned if self.consumer else 0}
 
-    def health(self) -> dict[str, Any]:
-        """Safe to show anyone: states, names and host:port, never credentials."""
-        pipeline = self.pipeline
+    def degraded(self) -> dict[str, dict]:
         degraded = self.health_state.degraded()
+        consumer = self.consumer
+        if consumer is not None and self.pipeline.state == "ready" and not consumer.status.healthy:
+            degraded["Kafka consumer"] = {"reason": consumer.status.last_error or consumer.status.state,
+                                          "since": consumer.status.last_poll_at,
+                                          "meaning": f"this worker takes no requests ({consumer.status.state}); "
+                                                     "it reconnects by itself"}
+        return degraded
+
+    def health(self) -> dict[str, Any]:
+        """Safe to show anyone: states, names and host:port, never credentials or request ids."""
+        pipeline = self.pipeline
+        degraded = self.degraded()
         status = {"ready": "degraded" if degraded else "ok", "failed": "failed"}.get(pipeline.state, "starting")
+        if self.stopping:
+            status = "stopping"
         health = {
             "status": status,
             "model": {
@@ -267,12 +330,13 @@ class Services:
                 "kind": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "local",
                 "depth": _safe(self.queue.depth, None),
                 "max_size": self.queue.max_size,
-                "running": (self.consumer.current_request_id if self.consumer else self.queue.running_id)
-                is not None,
+                "running": bool(self.consumer.busy) if self.consumer else self.queue.running_id is not None,
             },
+            "consumer": self.consumer.status.as_dict() if self.consumer else None,
             "backends": {
                 "queue": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "in-process",
-                "cache": "redis" if self.settings.fleet.redis_url else "in-memory",
+                "cache": "redis" if self.settings.fleet.redis_url and self.settings.fleet.uses_s3 else "in-memory",
+                "jobs": "redis" if self.settings.fleet.redis_url else "in-memory",
                 "objects": "s3" if self.settings.fleet.uses_s3 else "local folder",
             },
             "degraded": degraded,
@@ -283,6 +347,8 @@ class Services:
         if self.fleet is not None:
             health["fleet"] = {"workers": _safe(self.fleet.workers, [])}
         return health
+
+    stopping: bool = False
 
     def render_metrics(self) -> bytes:
         self.metrics.backlog.set(_safe(self.queue.depth, 0) or 0)
@@ -296,6 +362,18 @@ def _safe(call, default):
         return call()
     except Exception:  # a health page must answer even when a backend is down
         return default
+
+
+@dataclass
+class Stores:
+    """The state backends: Redis-backed (fleet-wide) when REDIS_URL is set, in memory otherwise."""
+
+    cache: Any
+    jobs: Any
+    fleet: Any  # RedisFleet or None
+    claims: Any  # ResilientClaims or None
+    rate: Any
+    inflight: Any
 
 
 def build_services(settings: Settings, worker_only: bool = False) -> Services:
@@ -314,35 +392,40 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     metrics = Metrics()
     health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
     objects = _object_store(settings, health)
-    cache, jobs, redis_fleet, claims, limiter = _stores(settings, health)
-    worker = Worker(pipeline, identity, preset.sampler_label, cache, jobs, objects, name=fleet.worker_name,
-                    claims=claims if fleet.kafka_bootstrap_servers else None, metrics=metrics)
+    stores = _stores(settings, health)
+    worker = Worker(pipeline, identity, preset.sampler_label, stores.cache, stores.jobs, objects,
+                    name=fleet.worker_name, claims=stores.claims if fleet.kafka_bootstrap_servers else None,
+                    metrics=metrics)
+    admission = Admission(stores.rate, stores.inflight, settings.rate_limit_per_hour, settings.max_jobs_per_user,
+                          finished=lambda rid: (job := stores.jobs.get(rid)) is None or job.finished,
+                          metrics=metrics)
     endpoints = _endpoints(fleet)
     local = LocalQueue(worker.handle, settings.queue_max_size)
     if not fleet.kafka_bootstrap_servers:
-        gateway = Gateway(identity, cache, jobs, objects, local, inflight=worker, metrics=metrics)
-        return Services(settings, pipeline, identity, objects, cache, jobs, worker, local, gateway, health, metrics,
-                        limiter, fleet=redis_fleet, endpoints=endpoints)
-    return _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints,
-                           health, metrics, limiter, local, consume=fleet.kafka_consume or worker_only)
+        gateway = Gateway(identity, stores.cache, stores.jobs, objects, local, inflight=worker, metrics=metrics)
+        return Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, local, gateway,
+                        health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
+    return _fleet_services(settings, pipeline, identity, objects, stores, worker, endpoints, health, metrics,
+                           admission, local, consume=fleet.kafka_consume or worker_only)
 
 
-def _fleet_services(settings, pipeline, identity, objects, cache, jobs, worker, redis_fleet, endpoints, health,
-                    metrics, limiter, local, consume: bool) -> Services:
+def _fleet_services(settings, pipeline, identity, objects, stores: Stores, worker, endpoints, health, metrics,
+                    admission, local, consume: bool) -> Services:
+    from queueing.consumer import KafkaWorkerLoop
     from queueing.fleet import FleetBacklog, Heartbeat
-    from queueing.kafka import KafkaRequestQueue, KafkaWorkerLoop, LazyProducer
+    from queueing.kafka import KafkaRequestQueue, LazyProducer
 
     kafka = _kafka_settings(settings.fleet)
     producer = LazyProducer(kafka)  # connects on first use: the app starts while Kafka is away
-    shared = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, redis_fleet))
+    shared = KafkaRequestQueue(kafka, producer, FleetBacklog(kafka, stores.fleet, identity.preset))
     queue = FallbackQueue(shared, local if settings.fleet.kafka_fallback_local else None, health)
-    gateway = Gateway(identity, cache, jobs, objects, queue, inflight=None, metrics=metrics)
-    services = Services(settings, pipeline, identity, objects, cache, jobs, worker, queue, gateway, health,
-                        metrics, limiter, fleet=redis_fleet, endpoints=endpoints)
+    gateway = Gateway(identity, stores.cache, stores.jobs, objects, queue, inflight=None, metrics=metrics)
+    services = Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, queue, gateway,
+                        health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
     if consume:
-        services.consumer = KafkaWorkerLoop(kafka, worker, jobs, producer, metrics,
-                                            settings.fleet.shutdown_grace_seconds)
-        services.heartbeat = Heartbeat(redis_fleet, settings.fleet.worker_name, services.describe_worker,
+        services.consumer = KafkaWorkerLoop(kafka, worker, stores.jobs, producer, metrics,
+                                            settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready)
+        services.heartbeat = Heartbeat(stores.fleet, settings.fleet.worker_name, services.describe_worker,
                                        settings.fleet.heartbeat_seconds)
     return services
 
@@ -361,35 +444,50 @@ def _kafka_settings(fleet: FleetSettings):
 
 def _object_store(settings: Settings, health: BackendHealth):
     fleet = settings.fleet
-    local = LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs")
+    local = LocalObjectStore(settings.output_dir, f"{settings.base_url}/outputs", settings.output_cache_max_bytes)
     if not fleet.uses_s3:
         return local
     from storage.s3 import S3ObjectStore, make_s3_client
 
     client = make_s3_client(fleet.s3_endpoint_url, fleet.r2_access_key_id, fleet.r2_secret_access_key)
     remote = S3ObjectStore(client, fleet.r2_bucket, fleet.r2_public_base_url, fleet.presign_seconds)
-    return LocallyCachedStore(remote, local, health)
+    return LocallyCachedStore(remote, local, health, upload_in_background=bool(fleet.kafka_bootstrap_servers))
 
 
-def _stores(settings: Settings, health: BackendHealth):
+def _stores(settings: Settings, health: BackendHealth) -> Stores:
     fleet = settings.fleet
+    hold = settings.request_timeout_seconds + 60  # an in-flight slot outlives any wait for its job
+    memory_cache = MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds)
+    memory_rate = MemoryRateLimiter(settings.rate_limit_per_hour)
+    memory_inflight = MemoryInflightLimit(settings.max_jobs_per_user, hold)
     if not fleet.redis_url:
-        return (MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds), MemoryJobStore(), None,
-                None, MemoryRateLimiter(settings.rate_limit_per_hour))
+        return Stores(memory_cache, MemoryJobStore(), None, None, memory_rate, memory_inflight)
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
+    from storage.limits import RedisInflightLimit, RedisRateLimiter
     from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache
-    from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientRateLimiter
+    from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientLimit, RedisGuard
 
-    client = redis.Redis.from_url(fleet.redis_url, socket_timeout=5, socket_connect_timeout=3,
-                                  health_check_interval=30, retry_on_timeout=True)
+    # Short timeouts and one retry: a Redis that hangs must cost seconds, not tens of them (the
+    # circuit breaker in RedisGuard then skips it for a while).
+    client = redis.Redis.from_url(fleet.redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                  health_check_interval=30, retry=Retry(NoBackoff(), 1))
+    guard = RedisGuard(health)
     namespace = fleet.redis_namespace
-    return (ResilientCache(RedisResultCache(client, namespace, settings.cache_ttl_seconds), health),
-            ResilientJobStore(RedisJobStore(client, namespace, fleet.job_ttl_seconds), health),
-            RedisFleet(client, namespace),
-            ResilientClaims(RedisClaims(client, namespace), health),
-            ResilientRateLimiter(RedisRateLimiter(client, namespace, settings.rate_limit_per_hour),
-                                 MemoryRateLimiter(settings.rate_limit_per_hour), health))
+    # Results hold image URLs: shared through Redis only when the images are in a shared store too.
+    cache = ResilientCache(RedisResultCache(client, namespace, settings.cache_ttl_seconds), guard) \
+        if fleet.uses_s3 else memory_cache
+    return Stores(
+        cache=cache,
+        jobs=ResilientJobStore(RedisJobStore(client, namespace, fleet.job_ttl_seconds), guard),
+        fleet=RedisFleet(client, namespace, ttl_seconds=max(3.0, 3 * fleet.heartbeat_seconds)),
+        claims=ResilientClaims(RedisClaims(client, namespace, fleet.claim_ttl_seconds), guard),
+        rate=ResilientLimit(RedisRateLimiter(client, namespace, settings.rate_limit_per_hour), memory_rate, guard),
+        inflight=ResilientLimit(RedisInflightLimit(client, namespace, settings.max_jobs_per_user, hold),
+                                memory_inflight, guard),
+    )
 
 
 def _endpoints(fleet: FleetSettings) -> list:
@@ -416,78 +514,90 @@ class RawNumber(gr.Number):
         return "number"  # the same widget in the browser
 
 
-def user_of(request: gr.Request | None) -> str:
-    """Who to count limits against: the Hugging Face user when signed in, else the client address
-    (the first X-Forwarded-For hop: on a Space every client arrives through the proxy)."""
-    if request is None:
-        return "anonymous"
-    if getattr(request, "username", None):
-        return f"user:{request.username}"
-    forwarded = (request.headers or {}).get("x-forwarded-for", "")
-    address = forwarded.split(",")[0].strip() or (request.client.host if request.client else "unknown")
-    return f"ip:{address}"
+def caller_of(request: gr.Request | None, profile: gr.OAuthProfile | None, trusted_hops: int) -> Caller:
+    """The signed-in Hugging Face user, else the address the platform's proxy appended (never a
+    header value the client chose: see queueing.admission)."""
+    username = getattr(profile, "username", None) or getattr(request, "username", None)
+    headers = dict(request.headers) if request is not None and request.headers else {}
+    peer = request.client.host if request is not None and request.client else None
+    return identify(username, headers, peer, trusted_hops)
+
+
+FOLLOW_POLL_SECONDS = 0.25
 
 
 class Handlers:
-    """The functions behind the UI events and API endpoints. Errors become gr.Error here, at the edge."""
+    """The functions behind the UI events and API endpoints. Errors become gr.Error here, at the edge.
+    Waiting is asynchronous: a user waiting minutes for an image holds no server thread."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.gateway = services.gateway
-        self._active: dict[str, set[str]] = {}  # user -> request ids submitted here, maybe in flight
+        self.admission = services.admission
 
-    def _request(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                 request_id=None):
+    def _caller(self, request: gr.Request | None, profile: gr.OAuthProfile | None) -> Caller:
+        return caller_of(request, profile, self.services.settings.trusted_proxy_hops)
+
+    def _request(self, caller: Caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
+                 seed, request_id=None):
         if seed == DERIVED_SEED:
             seed = None
         try:
-            return GenerationRequest.create(
+            chosen = (request_id or "").strip() or None
+            generation = GenerationRequest.create(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                self.services.settings.output_format, request_id or None,
+                self.services.settings.output_format, chosen,
             )
+            scoped = scoped_request_id(caller, chosen)
         except GenerationError as error:
             raise gr.Error(str(error), title="Invalid input") from None
+        return dataclasses.replace(generation, request_id=scoped) if scoped else generation
 
-    def _submit(self, request, user: str):
-        self._admit(user, request.request_id)
+    def _submit(self, request: GenerationRequest, caller: Caller, chosen: bool) -> Job:
+        try:
+            self.admission.admit(caller, request.request_id)
+        except TooManyRequests as error:
+            raise gr.Error(str(error), title="Too many requests") from None
         try:
             with request_context(request.request_id):
-                job = self.gateway.submit(request)
-        except QueueFull as error:
-            raise gr.Error(str(error), title="Busy") from None
-        except QueueUnavailable as error:
-            raise gr.Error(str(error), title="Queue unavailable") from None
+                job = self.gateway.submit(request, owner=caller.key, private=caller.signed_in or chosen)
         except GenerationError as error:
-            raise gr.Error(str(error), title="Invalid input") from None
-        if not job.finished:
-            self._active.setdefault(user, set()).add(job.request_id)
+            self.admission.release(caller, request.request_id)
+            title = {QueueFull: "Busy", QueueUnavailable: "Queue unavailable"}.get(type(error), "Invalid input")
+            raise gr.Error(str(error), title=title) from None
+        if job.finished:
+            self.admission.release(caller, request.request_id)
         return job
 
-    def _admit(self, user: str, request_id: str) -> None:
-        """Per-user limits: requests per hour (fleet-wide with Redis) and jobs in flight (this Space)."""
-        settings, metrics = self.services.settings, self.services.metrics
-        active = {rid for rid in self._active.get(user, set())
-                  if rid != request_id and (job := self.services.jobs.get(rid)) is not None and not job.finished}
-        self._active[user] = active
-        if len(active) >= settings.max_jobs_per_user:
-            metrics.rejected.labels("too_many_in_flight").inc()
-            raise gr.Error(f"you already have {len(active)} requests in progress (at most "
-                           f"{settings.max_jobs_per_user}); wait for one to finish", title="Too many requests")
-        verdict = self.services.limiter.hit(user)
-        if not verdict.allowed:
-            metrics.rejected.labels("rate_limit").inc()
-            raise gr.Error(f"rate limit: {settings.rate_limit_per_hour} requests per hour; try again "
-                           f"{describe_retry(verdict.retry_after_seconds)}", title="Too many requests")
+    async def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                       request: gr.Request, profile: gr.OAuthProfile | None = None,
+                       progress=gr.Progress()) -> AsyncIterator[tuple]:
+        """Generate one image and wait for it (progress is streamed). Returns the image file, its metadata
+        (seed, URL, timings, worker) and the request id.
 
-    def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                 request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+        Args:
+            prompt: what to draw, up to 2000 characters.
+            negative_prompt: what to avoid; may be empty.
+            preset: the preset this Space serves (see the dropdown).
+            width: image width, a multiple of 8 in 256..2048.
+            height: image height, a multiple of 8 in 256..2048.
+            steps: denoising steps, 1..the preset's maximum.
+            guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
+            seed: -1 derives the seed from the other fields (same request, same image), else 0..4294967295.
+        """
         started = time.perf_counter()
-        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
-        job = self._submit(generation, user_of(request))
-        if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
-            yield gr.skip(), gr.skip(), job.request_id
-            for job in self.gateway.follow(job.request_id, self.services.settings.request_timeout_seconds):
-                self._show_progress(progress, job)
+        caller = self._caller(request, profile)
+        generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
+                                   seed)
+        job = await anyio.to_thread.run_sync(self._submit, generation, caller, False)
+        try:
+            if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
+                yield gr.skip(), gr.skip(), job.request_id
+                async for job in self._follow(job):
+                    desc = await anyio.to_thread.run_sync(self._progress_text, job)
+                    self._show_progress(progress, job, desc)
+        finally:
+            self.admission.release(caller, job.request_id)
         if not job.finished:
             raise gr.Error(f"still running after {self.services.settings.request_timeout_seconds:.0f} s; "
                            f"ask /status with request_id {job.request_id}", title="Timeout")
@@ -495,15 +605,30 @@ class Handlers:
             raise gr.Error(job.error or job.state, title=job.state.capitalize())
         result = dict(job.result, seed_derived=not generation.seed_was_given)
         result["timings"] = dict(result.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
-        yield self._image_file(result), result, job.request_id
+        image = await anyio.to_thread.run_sync(self._image_file, result)
+        yield image, result, job.request_id
 
-    def _show_progress(self, progress, job) -> None:
+    async def _follow(self, job: Job) -> AsyncIterator[Job]:
+        """Yields the job whenever it changes, until it finishes or the request times out. Each look is
+        one quick read in a worker thread; the wait between looks holds nothing."""
+        deadline = time.monotonic() + self.services.settings.request_timeout_seconds
+        while not job.finished and time.monotonic() < deadline:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            latest = await anyio.to_thread.run_sync(self.services.jobs.get, job.request_id)
+            if latest is not None and latest.version != job.version:
+                job = latest
+                yield job
+
+    def _show_progress(self, progress, job: Job, desc: str) -> None:
         if progress is None:
             return
-        if job.state == "queued":
-            progress(None, desc=self._queued_text(job))
-        elif job.state == "running" and job.total_steps:
-            progress((job.step, job.total_steps), desc="generating", unit="steps")
+        if job.state == "running" and job.total_steps:
+            progress((job.step, job.total_steps), desc=desc, unit="steps")
+        else:
+            progress(None, desc=desc)
+
+    def _progress_text(self, job: Job) -> str:
+        return self._queued_text(job) if job.state == "queued" else "generating"
 
     def _queued_text(self, job) -> str:
         position = self.gateway.queue_position(job)
@@ -516,22 +641,62 @@ class Handlers:
         return str(self.services.objects.local_path(result["object_key"]))
 
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-               request_id, request: gr.Request) -> str:
-        generation = self._request(prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                                   request_id)
-        return self._submit(generation, user_of(request)).request_id
+               request_id: str | None = None, request: gr.Request = None,
+               profile: gr.OAuthProfile | None = None) -> str:
+        """Queue a request without waiting; returns its request id for /status and /cancel.
 
-    def status(self, request_id: str) -> dict[str, Any]:
-        try:
-            return self.gateway.status((request_id or "").strip())
-        except UnknownRequest as error:
-            raise gr.Error(str(error), title="Unknown request") from None
+        Args:
+            request_id: optional idempotency key of your own (up to 112 characters of letters, digits
+                and . _ : -): resubmitting it returns the same job; it is scoped to you, so others'
+                ids never clash with yours. Empty: a new random id.
+        """
+        caller = self._caller(request, profile)
+        generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
+                                   seed, request_id)
+        self._submit(generation, caller, chosen=bool((request_id or "").strip()))
+        return (request_id or "").strip() or generation.request_id
 
-    def cancel(self, request_id: str) -> dict[str, Any]:
+    def _visible_job(self, request_id: str, caller: Caller) -> str:
+        """The internal id of the caller's job named request_id (their own chosen id, or a generated id
+        they hold). Someone else's private job is answered exactly like an unknown one."""
+        request_id = (request_id or "").strip()
         try:
-            return self.gateway.cancel((request_id or "").strip())
-        except UnknownRequest as error:
-            raise gr.Error(str(error), title="Unknown request") from None
+            scoped = scoped_request_id(caller, request_id)
+        except GenerationError:
+            scoped = None
+        for candidate in (scoped, request_id):
+            job = self.services.jobs.get(candidate) if candidate else None
+            if job is not None and may_see(job, caller):
+                return candidate
+        raise gr.Error(str(UnknownRequest(f"no request with id {request_id!r} of yours (never submitted, "
+                                          "or expired after a day)")), title="Unknown request")
+
+    def status(self, request_id: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
+        """State, progress, queue position and, once done, the result of one of your requests."""
+        caller = self._caller(request, profile)
+        return self._public(self.gateway.status(self._visible_job(request_id, caller)), request_id)
+
+    def cancel(self, request_id: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
+        """Cancel one of your requests (a running one stops at its next step)."""
+        caller = self._caller(request, profile)
+        return self._public(self.gateway.cancel(self._visible_job(request_id, caller)), request_id)
+
+    def cancel_current(self, request_id: str, request: gr.Request = None,
+                       profile: gr.OAuthProfile | None = None) -> dict:
+        """The Cancel button: the id came from this session's own generate (internal form)."""
+        caller = self._caller(request, profile)
+        job = self.services.jobs.get(request_id or "")
+        if job is None or not may_see(job, caller):
+            raise gr.Error(f"no request with id {request_id!r} of yours", title="Unknown request")
+        return self.gateway.cancel(request_id)
+
+    @staticmethod
+    def _public(status: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """The caller sees the id they used, not its scoped form."""
+        status = dict(status, request_id=(request_id or "").strip())
+        if isinstance(status.get("result"), dict):
+            status["result"] = dict(status["result"], request_id=status["request_id"])
+        return status
 
     def banner(self) -> tuple[str, Any]:
         pipeline = self.services.pipeline
@@ -613,7 +778,7 @@ def build_ui(services: Services):
             concurrency_limit=None,
         ).then(_add_to_gallery, [metadata, image, gallery_state], [gallery, gallery_state],
                api_visibility="private")
-        cancel_btn.click(handlers.cancel, request_state, job_info, api_name="cancel_current",
+        cancel_btn.click(handlers.cancel_current, request_state, job_info, api_name="cancel_current",
                          api_visibility="private")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
         submit_btn.click(handlers.submit, inputs + [request_id], request_id, api_name="submit")

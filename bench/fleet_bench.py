@@ -104,7 +104,8 @@ def _sleep_worker(bootstrap: str, prefix: str, redis_url: str, outdir: str, seco
     import redis
 
     from inference.presets import ModelIdentity, get_preset
-    from queueing.kafka import KafkaSettings, KafkaWorkerLoop, make_producer
+    from queueing.consumer import KafkaWorkerLoop
+    from queueing.kafka import KafkaSettings, LazyProducer
     from queueing.worker import Worker
     from storage.objects import LocalObjectStore
     from storage.redis_store import RedisClaims, RedisJobStore, RedisResultCache
@@ -117,7 +118,7 @@ def _sleep_worker(bootstrap: str, prefix: str, redis_url: str, outdir: str, seco
     worker = Worker(FixedTimeGenerator(seconds), identity, "Euler", RedisResultCache(client, prefix, 3600), jobs,
                     LocalObjectStore(Path(outdir), "http://bench/outputs"), name=f"sim-{index}",
                     claims=RedisClaims(client, prefix))
-    loop = KafkaWorkerLoop(settings, worker, jobs, make_producer(settings))
+    loop = KafkaWorkerLoop(settings, worker, jobs, LazyProducer(settings))
     loop.start()
     while not stop.wait(0.1):
         assigned[index] = loop.assigned

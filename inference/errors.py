@@ -52,3 +52,9 @@ class QueueUnavailable(GenerationError):
     """The shared request queue (Kafka) cannot take the request right now."""
 
     retriable = True
+
+
+class TooManyRequests(GenerationError):
+    """The caller is over a per-user limit; the message says which one and when to retry."""
+
+    retriable = True

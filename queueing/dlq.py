@@ -22,7 +22,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from queueing.kafka import KafkaSettings, LazyProducer, RequestSender
-from queueing.messages import MalformedMessage, decode_request, encode_request
+from queueing.messages import MalformedMessage, decode_request, original_bytes
 
 logger = logging.getLogger("dlq")
 
@@ -54,13 +54,16 @@ def read_dead_letters(settings: KafkaSettings, group: str | None) -> tuple[Kafka
 
 
 def _original_request(entry: dict[str, Any]):
-    text = entry.get("original", {}).get("text")
-    if text is None:
-        raise MalformedMessage("original is not text")
-    return decode_request(text.encode())
+    raw = original_bytes(entry)
+    if raw is None:
+        raise MalformedMessage("the original was not kept whole")
+    return decode_request(raw)
 
 
 def replay(settings: KafkaSettings, request_ids: set[str] | None = None) -> dict[str, int]:
+    """Resend the replayable originals. A full replay commits what it read, so a second one resends
+    nothing; a replay of chosen request ids commits nothing, so the other dead letters stay there
+    for a later replay (resending an id twice is harmless: a done job is not redone)."""
     consumer, messages = read_dead_letters(settings, f"{settings.topic_prefix}.dlq-replay")
     sender = RequestSender(settings, LazyProducer(settings))
     counts = {"replayed": 0, "skipped": 0, "malformed": 0}
@@ -74,9 +77,10 @@ def replay(settings: KafkaSettings, request_ids: set[str] | None = None) -> dict
         if request_ids and envelope.request.request_id not in request_ids:
             counts["skipped"] += 1
             continue
-        sender.send_raw(encode_request(envelope.request, replayed=True), message.key)
+        sender.send(envelope.request, replayed=True)
         counts["replayed"] += 1
-    consumer.commit()
+    if not request_ids:
+        consumer.commit()
     consumer.close()
     sender.producer.close()
     return counts

@@ -29,6 +29,10 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self.fleet.forget(self.name)
+        except Exception as error:  # Redis away: the entry expires by itself
+            logger.warning("could not leave the fleet registry: %s", type(error).__name__)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -43,8 +47,10 @@ class FleetBacklog:
     """Consumer lag of the request topic (messages not yet committed by the group). Measured in the
     background every few seconds, so /healthz and /status never wait on Kafka."""
 
-    def __init__(self, settings: KafkaSettings, fleet: RedisFleet | None, every_seconds: float = 3.0) -> None:
-        self.settings, self.fleet, self.every_seconds = settings, fleet, every_seconds
+    def __init__(self, settings: KafkaSettings, fleet: RedisFleet | None, preset: str,
+                 every_seconds: float = 3.0) -> None:
+        self.settings, self.fleet, self.preset, self.every_seconds = settings, fleet, preset, every_seconds
+        self._estimate: tuple[float, dict[str, Any]] | None = None
         self._lag = 0
         self._started = False
         self._lock = threading.Lock()
@@ -71,15 +77,26 @@ class FleetBacklog:
         if self._admin is None:
             self._admin = KafkaAdminClient(**self.settings.client_options())
             self._consumer = KafkaConsumer(**self.settings.client_options())
-        topic = self.settings.requests_topic
-        partitions = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]
+        partitions = [TopicPartition(topic, p)
+                      for topic in (self.settings.requests_topic, self.settings.preset_topic(self.preset))
+                      for p in self._consumer.partitions_for_topic(topic) or ()]
         ends = self._consumer.end_offsets(partitions)
         committed = self._admin.list_group_offsets({self.settings.group_id: None}).get(self.settings.group_id, {})
         return sum(max(0, end - _offset(committed.get(tp))) for tp, end in ends.items())
 
     def estimate(self) -> dict[str, Any]:
+        """Backlog, live workers of this preset and a rough wait; computed at most once a second, since
+        every waiting user's progress asks for it."""
+        cached = self._estimate
+        if cached is not None and time.monotonic() - cached[0] < 1.0:
+            return cached[1]
+        estimate = self._compute_estimate()
+        self._estimate = (time.monotonic(), estimate)
+        return estimate
+
+    def _compute_estimate(self) -> dict[str, Any]:
         try:
-            workers = self.fleet.workers() if self.fleet else []
+            workers = [w for w in (self.fleet.workers() if self.fleet else []) if w.get("preset") == self.preset]
         except Exception:  # Redis away
             workers = []
         seconds = [w.get("mean_seconds", 10.0) for w in workers] or [10.0]

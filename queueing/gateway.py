@@ -86,17 +86,19 @@ class Gateway:
         self.identity, self.cache, self.jobs, self.objects = identity, cache, jobs, objects
         self.queue, self.inflight, self.metrics = queue, inflight, metrics
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationRequest, owner: str = "", private: bool = False) -> Job:
         """Returns the request's job: done at once on a cache hit, else queued (or joined to an
-        identical request already in flight). Resubmitting a request id is idempotent."""
+        identical request already in flight). Resubmitting a request id is idempotent; the same id
+        for other pixels, or from another owner, is refused."""
         if request.preset != self.identity.preset:
             raise InvalidRequest(
                 "preset", f"{request.preset!r} is not loaded here; this Space serves {self.identity.preset!r}"
             )
         fp = fingerprint(request, self.identity)
         existing = self.jobs.get(request.request_id)
-        if existing is not None and not self._may_resubmit(existing, fp):
+        if existing is not None and not self._may_resubmit(existing, fp, owner):
             return existing
+        who = {"owner": owner, "private": private}
         cached = self.cache.get(fp)
         if cached is not None:
             if self.metrics:
@@ -104,16 +106,17 @@ class Gateway:
                 self.metrics.requests.labels("cache_hit").inc()
             result = {**cached, "request_id": request.request_id, "cached": True,
                       "url": self.objects.url_for(cached["object_key"])}  # fresh if presigned
-            return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time())
-        job = self._store_job(request, fp, state=QUEUED)
+            return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time(), **who)
+        job = self._store_job(request, fp, state=QUEUED, **who)
         if self.inflight is None or self.inflight.join_or_lead(fp, request.request_id):
             self._enqueue(request, fp)
         logger.info("request %s queued (fingerprint %s)", request.request_id, fp[:12])
         return self.jobs.get(request.request_id) or job
 
-    def _may_resubmit(self, existing: Job, fp: str) -> bool:
-        if existing.fingerprint != fp:
-            raise InvalidRequest("request_id", f"{existing.request_id!r} was already used for a different request")
+    def _may_resubmit(self, existing: Job, fp: str, owner: str) -> bool:
+        if existing.fingerprint != fp or (existing.owner and existing.owner != owner):
+            raise InvalidRequest("request_id", "this id was already used for a different request; an id names "
+                                               "one request: use a new id for new settings")
         return existing.state in (FAILED, CANCELLED)  # retrying those starts over; others are in hand
 
     def _store_job(self, request: GenerationRequest, fp: str, **fields: Any) -> Job:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -69,14 +70,47 @@ def decode_result(raw: bytes) -> dict[str, Any]:
     return json.loads(raw)
 
 
+MAX_DEAD_LETTER_ORIGINAL = 256 * 1024  # bytes of the original kept: a dead letter must always fit in a message
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a message was read, so an operator can find the full original in the topic."""
+
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
 def encode_dead_letter(raw: bytes | None, reason: str, worker: str, attempts: int = 0,
-                       request_id: str | None = None) -> bytes:
-    """Keeps the original bytes (as text when they are UTF-8, else base64) so it can be replayed."""
-    original: dict[str, str] = {}
-    if raw is not None:
+                       request_id: str | None = None, origin: Origin = Origin()) -> bytes:
+    """The original bytes, as text when they are small UTF-8, else base64 of at most
+    MAX_DEAD_LETTER_ORIGINAL bytes (with the full size and sha256): escaping non-ASCII text in JSON can
+    triple its size, and a dead letter the broker refuses would make the poison message vanish."""
+    return json.dumps({"v": VERSION, "reason": reason[:2000], "worker": worker, "attempts": attempts,
+                       "request_id": request_id, "failed_at": time.time(), "topic": origin.topic,
+                       "partition": origin.partition, "offset": origin.offset,
+                       "original": _original(raw)}, ensure_ascii=False).encode()
+
+
+def _original(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if len(raw) <= MAX_MESSAGE_BYTES:
         try:
-            original = {"text": raw.decode("utf-8")}
+            return {"text": raw.decode("utf-8")}
         except UnicodeDecodeError:
-            original = {"base64": base64.b64encode(raw).decode()}
-    return json.dumps({"v": VERSION, "reason": reason, "worker": worker, "attempts": attempts,
-                       "request_id": request_id, "failed_at": time.time(), "original": original}).encode()
+            pass
+    kept = raw[:MAX_DEAD_LETTER_ORIGINAL]
+    return {"base64": base64.b64encode(kept).decode(), "size": len(raw), "truncated": len(kept) < len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def original_bytes(entry: dict[str, Any]) -> bytes | None:
+    """The original message of a dead letter, or None when it was not kept whole."""
+    original = entry.get("original") or {}
+    if "text" in original:
+        return original["text"].encode()
+    if "base64" in original and not original.get("truncated"):
+        return base64.b64decode(original["base64"])
+    return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from PIL import Image
@@ -110,7 +112,10 @@ class Worker:
         try:
             self._handle_group(request, fp)
         except Cancelled as error:
-            if self._interrupted.is_set():
+            if self._interrupted.is_set():  # a shutdown is no failure: its attempt does not count
+                job = self.jobs.get(request.request_id)
+                if job is not None and job.attempts:
+                    self.jobs.update(request.request_id, attempts=job.attempts - 1)
                 self._requeue_group(fp, "the worker shut down; another worker will take it")
                 raise Interrupted(str(error)) from error
             self._finish_group(fp, CANCELLED, error=str(error))
@@ -138,51 +143,82 @@ class Worker:
             self._finish_group(fp, DONE, result={**cached, "url": url, "cached": True})
             return
         try:
+            self._start_attempt(request.request_id)
             self._mark_group(fp, state=RUNNING, step=0, total_steps=request.steps, worker=self.name,
                              started_at=time.time())
             self._observe_queue_wait(request.request_id)
-            result = self._generate_and_store(request, fp)
+            with self._renewing_claim(fp, request):
+                result = self._generate_and_store(request, fp)
             if result["persisted"]:  # an image only this Space holds must not be served to the fleet
                 self.cache.put(fp, result)
         finally:
             if self.claims is not None:  # after the cache put: whoever waits finds the result
-                self.claims.release(fp, request.request_id)
+                self.claims.release(fp, self._claim_token(request))
         self._finish_group(fp, DONE, result=result)
 
+    @contextlib.contextmanager
+    def _renewing_claim(self, fp: str, request: GenerationRequest) -> Iterator[None]:
+        """Renews the claim in the background: one CPU step or the VAE decode can outlast its TTL."""
+        if self.claims is None:
+            yield
+            return
+        stop = threading.Event()
+        interval = max(0.5, getattr(self.claims, "ttl_seconds", 30) / 3)
+
+        def renew() -> None:
+            while not stop.wait(interval):
+                self.claims.renew(fp, self._claim_token(request))
+
+        thread = threading.Thread(target=renew, name="claim-renewer", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
     def _claim(self, request: GenerationRequest, fp: str) -> dict[str, Any] | None:
-        """Holds the fleet-wide claim on fp and returns None, or returns the result that the request
-        holding it produced meanwhile."""
+        """Holds the fleet-wide claim on fp and returns None, or returns the result that the claim's
+        holder produced meanwhile. The claim is this worker's hold on this request: the same request
+        redelivered to another worker (a rebalance) waits for it too, so a request runs at most once at
+        a time fleet-wide; a dead holder's claim expires within the claim TTL."""
         if self.claims is None:
             return None
+        token = self._claim_token(request)
         while True:
-            holder = self.claims.claim(fp, request.request_id)
+            holder = self.claims.claim(fp, token)
             # Checked after claiming too: the holder may have finished and released just before.
             cached = self.cache.get(fp)
             if cached is not None:
                 if holder is None:
-                    self.claims.release(fp, request.request_id)
+                    self.claims.release(fp, token)
                 return cached
             if holder is None:
                 return None
             if self._all_cancelled(fp):
-                raise Cancelled(f"request {request.request_id} was cancelled while waiting for {holder}")
-            holder_job = self.jobs.get(holder)
-            self.jobs.wait(holder, holder_job.version if holder_job else 0, 1.0)
+                raise Cancelled(f"request {request.request_id} was cancelled while another worker ran it")
+            holder_id = holder.split("@", 1)[0]
+            holder_job = self.jobs.get(holder_id)
+            self.jobs.wait(holder_id, holder_job.version if holder_job else 0, 1.0)
+
+    def _claim_token(self, request: GenerationRequest) -> str:
+        return f"{request.request_id}@{self.name}"
+
+    def _start_attempt(self, request_id: str) -> None:
+        """An attempt is a generation that started: redeliveries that only waited count none."""
+        job = self.jobs.get(request_id)
+        if job is not None:
+            self.jobs.update(request_id, attempts=job.attempts + 1)
+        if self.metrics:
+            self.metrics.attempts.inc()
 
     def _generate_and_store(self, request: GenerationRequest, fp: str) -> dict[str, Any]:
         started = time.perf_counter()
-        self.generations += 1
-        image = self.generator.generate(
-            request,
-            on_step=lambda step, total: self._on_step(request, fp, step, total),
-            should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
-        )
-        generated = time.perf_counter()
-        self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * (generated - started)
-        if self.metrics:
-            self.metrics.generation_seconds.labels(request.preset).observe(generated - started)
-        data = encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
         key = object_key(fp, request.output_format)
+        local_copy = getattr(self.objects, "local_copy", lambda _key: None)
+        data = local_copy(key)  # made by an earlier attempt whose upload failed: no second render
+        if data is None:
+            data = self._render(request, fp)
+        generated = time.perf_counter()
         stored_object = self.objects.put(key, data, CONTENT_TYPES[request.output_format])
         stored = time.perf_counter()
         logger.info("request %s generated in %.2f s", request.request_id, generated - started)
@@ -193,6 +229,20 @@ class Worker:
             persisted=stored_object.persisted,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
+
+    def _render(self, request: GenerationRequest, fp: str) -> bytes:
+        started = time.perf_counter()
+        self.generations += 1
+        image = self.generator.generate(
+            request,
+            on_step=lambda step, total: self._on_step(request, fp, step, total),
+            should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
+        )
+        seconds = time.perf_counter() - started
+        self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * seconds
+        if self.metrics:
+            self.metrics.generation_seconds.labels(request.preset).observe(seconds)
+        return encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
 
     def _count(self, counter: str) -> None:
         if self.metrics:
@@ -205,8 +255,6 @@ class Worker:
 
     def _on_step(self, request: GenerationRequest, fp: str, step: int, total: int) -> None:
         self._mark_group(fp, step=step, total_steps=total)
-        if self.claims is not None:
-            self.claims.renew(fp, request.request_id)
 
     # ---- job state for every member of a group ---------------------------------------------
     def _members(self, fp: str) -> list[str]:

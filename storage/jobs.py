@@ -26,7 +26,9 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
     worker: str = ""
-    attempts: int = 0
+    attempts: int = 0  # generations that started (a redelivery that only waited for another worker is none)
+    owner: str = ""  # identity key of who submitted it (queueing.admission.Caller.key), "kafka" for the topic
+    private: bool = False  # only the owner may see or cancel it (signed-in users, chosen ids, the topic)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from inference.errors import GenerationError
 from storage.health import BackendHealth
 
 logger = logging.getLogger(__name__)
@@ -33,12 +35,21 @@ class ObjectStore(Protocol):
         ...
 
 
-class LocalObjectStore:
-    """A folder on disk, served by the app under base_url (e.g. http://host:7860/outputs)."""
+class StoreUnavailable(GenerationError):
+    """The shared object store did not take the image; the attempt is retried (the image is kept)."""
 
-    def __init__(self, root: Path, base_url: str) -> None:
+    retriable = True
+
+
+class LocalObjectStore:
+    """A folder on disk, served by the app under base_url (e.g. http://host:7860/outputs), bounded by
+    max_bytes: past it, the least recently used images are removed (a read refreshes an image)."""
+
+    def __init__(self, root: Path, base_url: str, max_bytes: int | None = None) -> None:
         self.root = root
         self.base_url = base_url.rstrip("/")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -53,10 +64,28 @@ class LocalObjectStore:
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as handle:
             handle.write(data)
         os.replace(handle.name, path)
+        self._prune(keep=path)
         return StoredObject(self.url_for(key))
 
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        path = self._path(key)
+        data = path.read_bytes()
+        os.utime(path)  # recently used: pruned last
+        return data
+
+    def _prune(self, keep: Path) -> None:
+        if self.max_bytes is None:
+            return
+        with self._lock:
+            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.rglob("*") if p.is_file()
+                     and p.suffix != ".part"]
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                if path != keep:
+                    path.unlink(missing_ok=True)
+                    total -= size
 
     def url_for(self, key: str) -> str:
         return f"{self.base_url}/{key}"
@@ -76,13 +105,24 @@ class LocallyCachedStore:
     NAME = "R2/S3"
     PAUSE_SECONDS = 30.0  # after uploads failed, later images skip them this long (no 20 s retry waits)
 
-    def __init__(self, remote: ObjectStore, local: LocalObjectStore, health: BackendHealth | None = None) -> None:
+    def __init__(self, remote: ObjectStore, local: LocalObjectStore, health: BackendHealth | None = None,
+                 upload_in_background: bool = False) -> None:
         self.remote, self.local = remote, local
         self.health = health or BackendHealth()
+        # In a fleet an image only this machine holds cannot reach a user of another clone: the upload
+        # must succeed. It is retried (the attempt fails retriably, the local copy spares a re-render).
+        self.fleet_wide = upload_in_background
         self._paused_until = 0.0
+
+    def local_copy(self, key: str) -> bytes | None:
+        """The image as this machine already has it (an earlier attempt whose upload failed)."""
+        path = self.local.local_path(key)
+        return path.read_bytes() if path is not None else None
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         local = self.local.put(key, data, content_type)
+        if self.fleet_wide:
+            return self._put_fleet_wide(key, data, content_type)
         if time.monotonic() < self._paused_until:
             return StoredObject(local.url, persisted=False)
         try:
@@ -95,10 +135,20 @@ class LocallyCachedStore:
         self.health.up(self.NAME)
         return stored
 
+    def _put_fleet_wide(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        try:
+            stored = self.remote.put(key, data, content_type)
+        except Exception as error:
+            self.health.down(self.NAME, error)
+            raise StoreUnavailable(f"the object store did not take the image ({type(error).__name__}); "
+                                   "retrying") from error
+        self.health.up(self.NAME)
+        return stored
+
     def get(self, key: str) -> bytes:
         path = self.local.local_path(key)
         if path is not None:
-            return path.read_bytes()
+            return self.local.get(key)
         data = self.remote.get(key)
         self.local.put(key, data, "")
         return data

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -32,9 +34,58 @@ class RedisResultCache:
         self.client.set(result_key(self.namespace, fingerprint), json.dumps(result), ex=self.ttl_seconds)
 
 
+class JobEvents:
+    """One pub/sub connection per process for every waiter: a thread reads the job channels and wakes
+    the waiters of the job that changed (a connection per wait would not survive 40 waiting users)."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client, self.pattern = client, job_channel(namespace, "*")
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def wait(self, channel: str, seconds: float, changed: Callable[[], bool]) -> None:
+        """Wait up to seconds for a message on channel, unless changed() already holds once registered."""
+        event = threading.Event()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="job-events", daemon=True)
+                self._thread.start()
+            self._waiters.setdefault(channel, []).append(event)
+        try:
+            if not changed():  # read after registering: a change in between is seen, not lost
+                event.wait(seconds)
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(channel, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    self._waiters.pop(channel, None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.psubscribe(self.pattern)
+                for message in pubsub.listen():
+                    self._wake(message.get("channel"))
+            except (redis.RedisError, OSError) as error:  # Redis away: waiters fall back to polling
+                logger.debug("job events: %s; resubscribing", type(error).__name__)
+                time.sleep(1.0)
+
+    def _wake(self, channel: bytes | str | None) -> None:
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        with self._lock:
+            for event in self._waiters.get(channel or "", []):
+                event.set()
+
+
 class RedisJobStore:
     def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int) -> None:
         self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
+        self.events = JobEvents(client, namespace)
 
     def _key(self, request_id: str) -> str:
         return job_key(self.namespace, request_id)
@@ -68,57 +119,100 @@ class RedisJobStore:
         self._publish(job)
         return job
 
+    def put_if_newer(self, job: Job) -> Job:
+        """Write back a state kept locally during an outage. The newer state wins: a finished job over
+        an unfinished one, else the higher version; the stored version then moves past both."""
+        key = self._key(job.request_id)
+
+        def apply(pipe: redis.client.Pipeline) -> Job:
+            raw = pipe.get(key)
+            current = Job.from_dict(json.loads(raw)) if raw else None
+            if current is not None and not _newer(job, current):
+                return current
+            merged = dataclasses.replace(job, version=max(job.version, current.version if current else 0) + 1)
+            pipe.multi()
+            pipe.set(key, json.dumps(merged.to_dict()), ex=self.ttl_seconds)
+            return merged
+
+        stored = self.client.transaction(apply, key, value_from_callable=True)
+        self._publish(stored)
+        return stored
+
     def _publish(self, job: Job) -> None:
         self.client.publish(job_channel(self.namespace, job.request_id), job.version)
 
     def wait(self, request_id: str, after_version: int, timeout: float) -> Job | None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(job_channel(self.namespace, request_id))
-            deadline = time.monotonic() + timeout
-            while True:
-                # Read after subscribing: a change made in between is seen here, not lost.
-                job = self.get(request_id)
-                remaining = deadline - time.monotonic()
-                if job is None or job.version > after_version or remaining <= 0:
-                    return job
-                pubsub.get_message(timeout=min(remaining, 1.0))
-        finally:
-            pubsub.close()
+        deadline = time.monotonic() + timeout
+        channel = job_channel(self.namespace, request_id)
+        while True:
+            job = self.get(request_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.version > after_version or remaining <= 0:
+                return job
+            self.events.wait(channel, min(remaining, 1.0), lambda: self._changed(request_id, after_version))
+
+    def _changed(self, request_id: str, after_version: int) -> bool:
+        job = self.get(request_id)
+        return job is None or job.version > after_version
+
+
+def _newer(candidate: Job, current: Job) -> bool:
+    if candidate.finished != current.finished:
+        return candidate.finished
+    return candidate.version > current.version
 
 
 class RedisFleet:
-    """Worker heartbeats: which workers are alive, what they serve, how busy they are."""
+    """Worker heartbeats: which workers are alive, what they serve, how busy they are. A sorted set of
+    names by last beat plus a hash of descriptions: reading the fleet costs two commands, whatever
+    else the database holds (no SCAN of the keyspace), and dead workers are pruned as others beat."""
 
-    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int = 30) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: float = 30.0) -> None:
         self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
+        self._seen, self._info = worker_key(namespace, "seen"), worker_key(namespace, "info")
 
     def beat(self, worker: str, info: dict[str, Any]) -> None:
-        self.client.set(worker_key(self.namespace, worker), json.dumps({**info, "worker": worker,
-                                                                        "seen_at": time.time()}),
-                        ex=self.ttl_seconds)
+        now = time.time()
+        dead = self.client.zrangebyscore(self._seen, "-inf", now - self.ttl_seconds)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self._info, worker, json.dumps({**info, "worker": worker, "seen_at": now}))
+        pipe.zadd(self._seen, {worker: now})
+        if dead:
+            pipe.zrem(self._seen, *dead)
+            pipe.hdel(self._info, *dead)
+        for key in (self._seen, self._info):
+            pipe.expire(key, 24 * 3600)
+        pipe.execute()
+
+    def forget(self, worker: str) -> None:
+        """A worker leaving cleanly disappears at once instead of after its heartbeat TTL."""
+        self.client.zrem(self._seen, worker)
+        self.client.hdel(self._info, worker)
 
     def workers(self) -> list[dict[str, Any]]:
-        keys = list(self.client.scan_iter(match=worker_key(self.namespace, "*"), count=100))
-        values = self.client.mget(keys) if keys else []
+        names = self.client.zrangebyscore(self._seen, time.time() - self.ttl_seconds, "+inf")
+        values = self.client.hmget(self._info, names) if names else []
         return sorted((json.loads(v) for v in values if v), key=lambda w: w["worker"])
 
 
 class RedisClaims:
-    """Which request is generating a fingerprint right now, fleet-wide. Requests are spread evenly
-    over partitions, so identical ones can reach two workers at once: the second waits for the first
-    one's result instead of spending minutes of CPU on the same image. A claim expires if its holder
-    dies (it is renewed at every step), and the same request id may always take its own claim over
-    (a redelivery after its worker died)."""
+    """Which worker is generating a fingerprint right now, fleet-wide. Requests are spread evenly over
+    partitions, so identical ones can reach two workers at once, and a rebalance can hand a running
+    request to a second worker: the second waits for the first one's result instead of running it
+    again. The holder is a token "<request id>@<worker>": only that worker renews or releases it, and a
+    dead holder's claim expires within ttl_seconds (the holder renews it in the background)."""
 
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+    _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) "
+              "end return 0")
 
-    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int = 120) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int = 30) -> None:
         self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
         self._release = client.register_script(self._RELEASE)
+        self._renew = client.register_script(self._RENEW)
 
     def claim(self, fingerprint: str, holder: str) -> str | None:
-        """None when holder has the claim now; else the request id holding it."""
+        """None when holder has the claim now; else the token holding it."""
         key = inflight_key(self.namespace, fingerprint)
         for _ in range(3):  # the other holder may release between our SET and GET
             if self.client.set(key, holder, nx=True, ex=self.ttl_seconds):
@@ -133,9 +227,7 @@ class RedisClaims:
         return None
 
     def renew(self, fingerprint: str, holder: str) -> None:
-        key = inflight_key(self.namespace, fingerprint)
-        if (self.client.get(key) or b"").decode() == holder:
-            self.client.expire(key, self.ttl_seconds)
+        self._renew(keys=[inflight_key(self.namespace, fingerprint)], args=[holder, self.ttl_seconds])
 
     def release(self, fingerprint: str, holder: str) -> None:
         self._release(keys=[inflight_key(self.namespace, fingerprint)], args=[holder])

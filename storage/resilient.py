@@ -1,11 +1,15 @@
 """Redis stores that step aside while Redis is down instead of failing requests.
 
 Generation goes on without Redis: cache reads miss, cache writes are skipped, and job state is kept in
-a local mirror (this Space answers for its own jobs). When Redis answers again, everything resumes by
-itself; a job created during the outage is written to Redis at its next change."""
+a local mirror (this Space answers for its own jobs). A circuit breaker makes a Redis that hangs cost
+one timeout per few seconds instead of one per call. When Redis answers again, every job changed
+meanwhile is written back (the newer state wins: see RedisJobStore.put_if_newer)."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,111 +18,173 @@ import redis
 from storage.health import BackendHealth
 from storage.jobs import Job, MemoryJobStore
 
+logger = logging.getLogger(__name__)
+
 NAME = "Redis"
 
 
-def guarded(health: BackendHealth, call: Callable[..., Any], *args: Any, default: Any = None) -> Any:
-    """call(*args), recording Redis as up or down; default while it is down."""
-    try:
-        result = call(*args)
-    except redis.RedisError as error:
-        health.down(NAME, error)
-        return default
-    health.up(NAME)
-    return result
+class CircuitOpen(redis.ConnectionError):
+    """Redis failed moments ago: calls fail at once until the breaker lets one through again."""
+
+
+class RedisGuard:
+    """Health bookkeeping plus a circuit breaker shared by every Redis wrapper of the process."""
+
+    def __init__(self, health: BackendHealth, open_seconds: float = 5.0) -> None:
+        self.health, self.open_seconds = health, open_seconds
+        self._open_until = 0.0
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if time.monotonic() < self._open_until:
+            raise CircuitOpen("Redis failed moments ago; not retrying yet")
+        try:
+            result = function(*args, **kwargs)
+        except redis.RedisError as error:
+            self._open_until = time.monotonic() + self.open_seconds
+            self.health.down(NAME, error)
+            raise
+        self._open_until = 0.0
+        self.health.up(NAME)
+        return result
+
+    def quietly(self, function: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        """function(*args), or default while Redis is down."""
+        try:
+            return self.call(function, *args)
+        except redis.RedisError:
+            return default
 
 
 class ResilientCache:
-    def __init__(self, primary: Any, health: BackendHealth) -> None:
-        self.primary, self.health = primary, health
+    def __init__(self, primary: Any, guard: RedisGuard) -> None:
+        self.primary, self.guard = primary, guard
 
     def get(self, fingerprint: str) -> dict[str, Any] | None:
-        return guarded(self.health, self.primary.get, fingerprint)
+        return self.guard.quietly(self.primary.get, fingerprint)
 
     def put(self, fingerprint: str, result: dict[str, Any]) -> None:
-        guarded(self.health, self.primary.put, fingerprint, result)
+        self.guard.quietly(self.primary.put, fingerprint, result)
 
 
 class ResilientJobStore:
-    def __init__(self, primary: Any, health: BackendHealth) -> None:
-        self.primary, self.health = primary, health
+    def __init__(self, primary: Any, guard: RedisGuard, sync_seconds: float = 1.0) -> None:
+        self.primary, self.guard, self.sync_seconds = primary, guard, sync_seconds
         self.mirror = MemoryJobStore()  # every job this process touched, latest known state
+        self._unsynced: dict[str, None] = {}  # jobs changed while Redis was away (ordered set)
+        self._lock = threading.Lock()
+        self._syncing = False
 
     def create(self, job: Job) -> Job:
         try:
-            stored = self.primary.create(job)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return self.mirror.create(job)
-        self.health.up(NAME)
+            stored = self.guard.call(self.primary.create, job)
+        except redis.RedisError:
+            stored = self.mirror.create(job)
+            self._remember_unsynced(job.request_id)
+            return stored
         self.mirror.put(stored)
         return stored
 
     def get(self, request_id: str) -> Job | None:
+        local = self.mirror.get(request_id)
+        if request_id in self._unsynced:  # ours is newer than Redis until written back
+            return local
         try:
-            job = self.primary.get(request_id)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return self.mirror.get(request_id)
-        self.health.up(NAME)
-        if job is None:  # created while Redis was down, and not written back yet
-            return self.mirror.get(request_id)
+            job = self.guard.call(self.primary.get, request_id)
+        except redis.RedisError:
+            return local
+        if job is None:
+            return local
         self.mirror.put(job)
         return job
 
     def update(self, request_id: str, **changes: Any) -> Job:
-        local = self.mirror.update(request_id, **changes) if self.mirror.get(request_id) else None
-        try:
+        if request_id not in self._unsynced:
             try:
-                job = self.primary.update(request_id, **changes)
+                job = self.guard.call(self.primary.update, request_id, **changes)
+                self.mirror.put(job)
+                return job
             except KeyError:
-                if local is None:
+                if self.mirror.get(request_id) is None:
                     raise
-                job = self.primary.create(local)  # written back after an outage
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            if local is None:
-                raise KeyError(request_id) from error
-            return local
-        self.health.up(NAME)
-        self.mirror.put(job)
+            except redis.RedisError:
+                if self.mirror.get(request_id) is None:
+                    raise KeyError(request_id) from None
+        job = self.mirror.update(request_id, **changes)
+        self._remember_unsynced(request_id)
         return job
 
     def wait(self, request_id: str, after_version: int, timeout: float) -> Job | None:
+        if request_id not in self._unsynced:
+            try:
+                return self.guard.call(self.primary.wait, request_id, after_version, timeout)
+            except redis.RedisError:
+                pass
+        return self.mirror.wait(request_id, after_version, min(timeout, 1.0))
+
+    # ---- write-back -----------------------------------------------------------------------------
+    def _remember_unsynced(self, request_id: str) -> None:
+        with self._lock:
+            self._unsynced[request_id] = None
+            if self._syncing:
+                return
+            self._syncing = True
+        threading.Thread(target=self._sync_until_clean, name="redis-writeback", daemon=True).start()
+
+    def _sync_until_clean(self) -> None:
+        while True:
+            time.sleep(self.sync_seconds)
+            with self._lock:
+                pending = list(self._unsynced)
+                if not pending:
+                    self._syncing = False
+                    return
+            for request_id in pending:
+                if not self._write_back(request_id):
+                    break
+
+    def _write_back(self, request_id: str) -> bool:
+        local = self.mirror.get(request_id)
         try:
-            return self.primary.wait(request_id, after_version, timeout)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return self.mirror.wait(request_id, after_version, min(timeout, 1.0))
+            stored = local and self.guard.call(self.primary.put_if_newer, local)
+        except redis.RedisError:
+            return False
+        with self._lock:
+            # a change made while we wrote stays pending for the next round
+            if self.mirror.get(request_id) is local:
+                self._unsynced.pop(request_id, None)
+        if stored:
+            self.mirror.put(stored)
+            logger.info("job %s written back to Redis (version %d)", request_id, stored.version)
+        return True
 
 
 class ResilientClaims:
     """Without Redis no claim can be checked: generate anyway (at worst an image is made twice)."""
 
-    def __init__(self, primary: Any, health: BackendHealth) -> None:
-        self.primary, self.health = primary, health
+    def __init__(self, primary: Any, guard: RedisGuard) -> None:
+        self.primary, self.guard = primary, guard
+        self.ttl_seconds = primary.ttl_seconds
 
     def claim(self, fingerprint: str, holder: str) -> str | None:
-        return guarded(self.health, self.primary.claim, fingerprint, holder)
+        return self.guard.quietly(self.primary.claim, fingerprint, holder)
 
     def renew(self, fingerprint: str, holder: str) -> None:
-        guarded(self.health, self.primary.renew, fingerprint, holder)
+        self.guard.quietly(self.primary.renew, fingerprint, holder)
 
     def release(self, fingerprint: str, holder: str) -> None:
-        guarded(self.health, self.primary.release, fingerprint, holder)
+        self.guard.quietly(self.primary.release, fingerprint, holder)
 
 
-class ResilientRateLimiter:
-    """Counts in Redis (fleet-wide); while Redis is down, in this process's memory instead."""
+class ResilientLimit:
+    """A fleet-wide limit kept in Redis; while Redis is down, this process's own count stands in."""
 
-    def __init__(self, primary: Any, fallback: Any, health: BackendHealth) -> None:
-        self.primary, self.fallback, self.health = primary, fallback, health
+    def __init__(self, primary: Any, fallback: Any, guard: RedisGuard) -> None:
+        self.primary, self.fallback, self.guard = primary, fallback, guard
 
-    def hit(self, user: str):
-        try:
-            verdict = self.primary.hit(user)
-        except redis.RedisError as error:
-            self.health.down(NAME, error)
-            return self.fallback.hit(user)
-        self.health.up(NAME)
-        return verdict
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return self.guard.call(getattr(self.primary, method), *args, **kwargs)
+            except redis.RedisError:
+                return getattr(self.fallback, method)(*args, **kwargs)
+        return call
