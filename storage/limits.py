@@ -128,14 +128,14 @@ class RedisInflightLimit:
     checks and adds, so concurrent admissions on several Spaces cannot overshoot the cap."""
 
     _ACQUIRE = """
-    local key, now, until, cap, id = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+    local key, now, expiry, cap, id = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if not redis.call('ZSCORE', key, id) then
         local held = redis.call('ZCARD', key)
         if held >= cap then return held end
     end
-    redis.call('ZADD', key, until, id)
-    redis.call('EXPIRE', key, math.ceil(until - now) + 60)
+    redis.call('ZADD', key, expiry, id)
+    redis.call('EXPIRE', key, math.ceil(expiry - now) + 60)
     return -1
     """
 

@@ -39,7 +39,7 @@ def test_unreachable_redis_and_s3_are_reported_and_secrets_never_shown(tiny_mode
         problems = " | ".join(health["unreachable"])
         assert f"Redis unreachable at 127.0.0.1:{redis_port}" in problems
         assert f"R2/S3 unreachable at 127.0.0.1:{s3_port}" in problems and "blocked there" in problems
-        assert health["backends"] == {"queue": "in-process", "cache": "redis", "objects": "s3"}
+        assert health["backends"] == {"queue": "in-process", "cache": "redis", "jobs": "redis", "objects": "s3"}
         with urllib.request.urlopen(f"{app.url}/config", timeout=10) as response:
             page_config = response.read().decode()
         from gradio_client import Client
@@ -57,7 +57,8 @@ def test_unreachable_kafka_is_reported_without_credentials(tiny_model, tmp_path,
     port = free_port()
     app = start_app(tiny_model, tmp_path, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", REDIS_URL=redis_server.url,
                     KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT", KAFKA_SASL_MECHANISM="PLAIN", KAFKA_SASL_USERNAME="u",
-                    KAFKA_SASL_PASSWORD=SECRETS["KAFKA_SASL_PASSWORD"], KAFKA_CONSUME="0")
+                    KAFKA_SASL_PASSWORD=SECRETS["KAFKA_SASL_PASSWORD"], KAFKA_CONSUME="0",
+                    ALLOW_LOCAL_IMAGES_IN_FLEET="1")
     try:
         from gradio_client import Client
         from gradio_client.exceptions import AppError

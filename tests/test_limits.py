@@ -14,9 +14,14 @@ from tests.conftest import start_app, stop_app
 SMALL = {"negative_prompt": "", "preset": "base", "width": 256, "height": 256, "steps": 2, "guidance_scale": 5.0}
 
 
-def _client(app, address: str) -> Client:
-    # On a Space every client arrives through the proxy; X-Forwarded-For names it.
-    return Client(app.url, verbose=False, headers={"X-Forwarded-For": address})
+# The apps run with TRUSTED_PROXY_HOPS=1, as on a Space: the last X-Forwarded-For entry is the one the
+# platform's proxy appended. Here the test plays that proxy; `written` is what a client wrote itself.
+PROXIED = {"TRUSTED_PROXY_HOPS": "1"}
+
+
+def _client(app, address: str, written: str = "") -> Client:
+    forwarded = f"{written}, {address}" if written else address
+    return Client(app.url, verbose=False, headers={"X-Forwarded-For": forwarded})
 
 
 def _try(client: Client, prompt: str) -> str:
@@ -36,7 +41,7 @@ def test_sliding_window_counts_per_user() -> None:
 
 def test_rate_limit_is_per_user_and_shared_by_the_fleet(tiny_model, tmp_path, redis_server) -> None:
     shared = {"REDIS_URL": redis_server.url, "REDIS_NAMESPACE": "limits", "RATE_LIMIT_PER_HOUR": "4",
-              "MODEL_PRESET": "base"}
+              "MODEL_PRESET": "base", **PROXIED}
     app_a = start_app(tiny_model, tmp_path / "a", **shared)
     app_b = start_app(tiny_model, tmp_path / "b", **shared)
     try:
@@ -53,7 +58,7 @@ def test_rate_limit_is_per_user_and_shared_by_the_fleet(tiny_model, tmp_path, re
 
 
 def test_jobs_in_flight_are_capped_per_user(tiny_model, tmp_path) -> None:
-    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", MAX_JOBS_PER_USER="1")
+    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", MAX_JOBS_PER_USER="1", **PROXIED)
     try:
         client = _client(app, "192.0.2.1")
         slow = {**SMALL, "width": 512, "height": 512, "steps": 40}
@@ -67,7 +72,8 @@ def test_jobs_in_flight_are_capped_per_user(tiny_model, tmp_path) -> None:
 
 
 def test_full_queue_says_busy_to_concurrent_clients(tiny_model, tmp_path) -> None:
-    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", QUEUE_MAX_SIZE="1", MAX_JOBS_PER_USER="10")
+    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", QUEUE_MAX_SIZE="1", MAX_JOBS_PER_USER="10",
+                    **PROXIED)
     try:
         slow = {**SMALL, "width": 512, "height": 512, "steps": 20}
         clients = [_client(app, f"192.0.2.{i}") for i in range(4)]
@@ -86,3 +92,50 @@ def test_full_queue_says_busy_to_concurrent_clients(tiny_model, tmp_path) -> Non
             clients[0].predict(request_id=request_id, api_name="/cancel")
     finally:
         stop_app(app)
+
+
+def test_a_header_the_client_wrote_does_not_make_a_new_user(tiny_model, tmp_path) -> None:
+    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", RATE_LIMIT_PER_HOUR="2", **PROXIED)
+    try:
+        outcomes = [_try(_client(app, "203.0.113.9", written=f"10.0.0.{i}"), f"spoof {i}") for i in range(3)]
+        assert outcomes[:2] == ["ok", "ok"] and "rate limit: 2 requests per hour" in outcomes[2], outcomes
+    finally:
+        stop_app(app)
+
+
+def test_rate_limit_zero_means_no_limit(tiny_model, tmp_path) -> None:
+    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", RATE_LIMIT_PER_HOUR="0", MAX_JOBS_PER_USER="0")
+    try:
+        assert [_try(_client(app, "192.0.2.50"), f"unlimited {i}") for i in range(3)] == ["ok"] * 3
+    finally:
+        stop_app(app)
+
+
+def test_in_flight_cap_is_atomic_across_the_fleet(tiny_model, tmp_path, redis_server) -> None:
+    shared = {"REDIS_URL": redis_server.url, "REDIS_NAMESPACE": "inflight", "MAX_JOBS_PER_USER": "2",
+              "MODEL_PRESET": "base", "QUEUE_MAX_SIZE": "32", **PROXIED}
+    apps = [start_app(tiny_model, tmp_path / name, **shared) for name in ("a", "b")]
+    try:
+        clients = [_client(app, "198.51.100.77") for app in apps]
+        slow = {**SMALL, "width": 512, "height": 512, "steps": 40}
+
+        def submit(i: int) -> str:
+            try:
+                return clients[i % 2].predict(prompt=f"capped {i}", seed=i, **slow, api_name="/submit")
+            except AppError as error:
+                return f"refused: {error}"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(submit, range(8)))
+        accepted = [o for o in outcomes if not o.startswith("refused")]
+        assert len(accepted) == 2, outcomes  # 2 in flight per user, whichever Space they came through
+        assert all("requests in progress (at most 2)" in o for o in outcomes if o.startswith("refused"))
+        for request_id in accepted:
+            for client in clients:  # the job lives on one Space's queue; either may cancel it
+                try:
+                    client.predict(request_id=request_id, api_name="/cancel")
+                except AppError:
+                    pass
+    finally:
+        for app in apps:
+            stop_app(app)

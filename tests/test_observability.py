@@ -39,7 +39,7 @@ def test_log_lines_carry_the_request_id(client, app_server) -> None:
     import time
 
     def tagged() -> list[str]:
-        return [line for line in app_server.log().splitlines() if "[log-me-32]" in line]
+        return [line for line in app_server.log().splitlines() if ":log-me-32]" in line]  # the id as scoped to its caller
 
     deadline = time.monotonic() + 60
     while not any("generated in" in line for line in tagged()) and time.monotonic() < deadline:
