@@ -265,6 +265,7 @@ class Services:
     metrics: Metrics
     admission: Admission
     consumer: Any = None  # queueing.consumer.KafkaWorkerLoop when Kafka is configured and this process consumes
+    entrance: Any = None  # the loop forwarding <prefix>.requests to the preset topics
     heartbeat: Any = None
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
@@ -276,14 +277,17 @@ class Services:
             logger.error("%s", problem)
         self.pipeline.start_loading()
         self.queue.start()
-        if self.consumer is not None:
-            self.consumer.start()  # joins the group only once the model is loaded
+        for loop in (self.consumer, self.entrance):
+            if loop is not None:
+                loop.start()  # joins its group only once the model is loaded
         if self.heartbeat is not None:
             self.heartbeat.start()
 
     def stop(self) -> None:
-        if self.consumer is not None:
-            self.consumer.stop()
+        self.stopping = True
+        for loop in (self.entrance, self.consumer):
+            if loop is not None:
+                loop.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.queue.stop()
@@ -299,12 +303,12 @@ class Services:
 
     def degraded(self) -> dict[str, dict]:
         degraded = self.health_state.degraded()
-        consumer = self.consumer
-        if consumer is not None and self.pipeline.state == "ready" and not consumer.status.healthy:
-            degraded["Kafka consumer"] = {"reason": consumer.status.last_error or consumer.status.state,
-                                          "since": consumer.status.last_poll_at,
-                                          "meaning": f"this worker takes no requests ({consumer.status.state}); "
-                                                     "it reconnects by itself"}
+        for name, loop in (("Kafka consumer", self.consumer), ("Kafka entrance", self.entrance)):
+            if loop is not None and self.pipeline.state == "ready" and not loop.status.healthy:
+                degraded[name] = {"reason": loop.status.last_error or loop.status.state,
+                                  "since": loop.status.last_poll_at,
+                                  "meaning": f"this worker takes no requests from {', '.join(loop.topics)} "
+                                             f"({loop.status.state}); it reconnects by itself"}
         return degraded
 
     def health(self) -> dict[str, Any]:
@@ -333,6 +337,7 @@ class Services:
                 "running": bool(self.consumer.busy) if self.consumer else self.queue.running_id is not None,
             },
             "consumer": self.consumer.status.as_dict() if self.consumer else None,
+            "entrance": self.entrance.status.as_dict() if self.entrance else None,
             "backends": {
                 "queue": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "in-process",
                 "cache": "redis" if self.settings.fleet.redis_url and self.settings.fleet.uses_s3 else "in-memory",
@@ -425,6 +430,9 @@ def _fleet_services(settings, pipeline, identity, objects, stores: Stores, worke
     if consume:
         services.consumer = KafkaWorkerLoop(kafka, worker, stores.jobs, producer, metrics,
                                             settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready)
+        services.entrance = KafkaWorkerLoop(kafka, worker, stores.jobs, producer, metrics,
+                                            settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready,
+                                            entrance=True)
         services.heartbeat = Heartbeat(stores.fleet, settings.fleet.worker_name, services.describe_worker,
                                        settings.fleet.heartbeat_seconds)
     return services

@@ -84,13 +84,19 @@ class KafkaWorkerLoop:
 
     def __init__(self, settings: KafkaSettings, worker: Worker, jobs: JobStore, producer: LazyProducer,
                  metrics: Any = None, shutdown_grace_seconds: float = 20.0,
-                 wait_ready: Callable[[float], bool] | None = None) -> None:
+                 wait_ready: Callable[[float], bool] | None = None, entrance: bool = False) -> None:
         self.settings, self.worker, self.jobs, self.producer = settings, worker, jobs, producer
         self.sender = RequestSender(settings, producer)
         self.metrics, self.shutdown_grace_seconds = metrics, shutdown_grace_seconds
         self.wait_ready = wait_ready  # the model's readiness: no group membership before it
         self.preset = worker.identity.preset
-        self.topics = [settings.requests_topic, settings.preset_topic(self.preset)]
+        # entrance: read <prefix>.requests and forward every request to its preset's topic (fast, no
+        # generation); else: read this preset's topic, in this preset's group, and generate.
+        self.entrance = entrance
+        if entrance:
+            self.topics, self.group_id = [settings.requests_topic], settings.entrance_group
+        else:
+            self.topics, self.group_id = [settings.preset_topic(self.preset)], settings.preset_group(self.preset)
         self.status = ConsumerStatus()
         self.revoked: set[TopicPartition] = set()
         self.busy = False
@@ -103,7 +109,8 @@ class KafkaWorkerLoop:
         return self.status.partitions
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="kafka-worker", daemon=True)
+        name = "kafka-entrance" if self.entrance else "kafka-worker"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -161,7 +168,7 @@ class KafkaWorkerLoop:
             try:
                 ensure_topics(self.settings, (self.preset,))
                 consumer = KafkaConsumer(
-                    group_id=self.settings.group_id, enable_auto_commit=False,
+                    group_id=self.group_id, enable_auto_commit=False,
                     auto_offset_reset="earliest", max_poll_records=1, fetch_max_wait_ms=20,
                     max_poll_interval_ms=self.settings.max_poll_interval_ms,
                     session_timeout_ms=self.settings.session_timeout_ms,
@@ -182,7 +189,7 @@ class KafkaWorkerLoop:
         except Exception as error:
             logger.warning("closing the consumer failed (%s)", type(error).__name__)
         self.status.partitions = 0
-        logger.info("left the consumer group %s", self.settings.group_id)
+        logger.info("left the consumer group %s", self.group_id)
 
     def _consume(self, consumer: KafkaConsumer) -> None:
         while not self._stop.is_set():
@@ -289,7 +296,7 @@ class KafkaWorkerLoop:
             self._dead_letter(raw, key, str(error), origin=origin)
             return
         request = envelope.request
-        if request.preset != self.preset:  # from the entrance topic: to the workers that serve it
+        if self.entrance or request.preset != self.preset:  # to the workers that serve its preset
             target = self.settings.preset_topic(request.preset)
             self._durably(lambda: self.sender.send_raw(raw, key, target), f"forwarding to {target}")
             logger.info("request %s forwarded to %s", request.request_id, target)

@@ -77,11 +77,15 @@ class FleetBacklog:
         if self._admin is None:
             self._admin = KafkaAdminClient(**self.settings.client_options())
             self._consumer = KafkaConsumer(**self.settings.client_options())
-        partitions = [TopicPartition(topic, p)
-                      for topic in (self.settings.requests_topic, self.settings.preset_topic(self.preset))
-                      for p in self._consumer.partitions_for_topic(topic) or ()]
+        settings = self.settings
+        return sum(self._lag(group, topic) for group, topic in (
+            (settings.entrance_group, settings.requests_topic),
+            (settings.preset_group(self.preset), settings.preset_topic(self.preset))))
+
+    def _lag(self, group: str, topic: str) -> int:
+        partitions = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]
         ends = self._consumer.end_offsets(partitions)
-        committed = self._admin.list_group_offsets({self.settings.group_id: None}).get(self.settings.group_id, {})
+        committed = self._admin.list_group_offsets({group: None}).get(group, {})
         return sum(max(0, end - _offset(committed.get(tp))) for tp, end in ends.items())
 
     def estimate(self) -> dict[str, Any]:

@@ -46,6 +46,15 @@ class KafkaSettings:
         """The entrance any producer may write: a worker forwards each request to its preset's topic."""
         return f"{self.topic_prefix}.requests"
 
+    def preset_group(self, preset: str) -> str:
+        """The consumer group of one preset's workers (one group per topic: every member subscribes alike)."""
+        return f"{self.group_id}.{preset}"
+
+    @property
+    def entrance_group(self) -> str:
+        """Every worker also reads the entrance topic in this group, forwarding each request to its preset."""
+        return f"{self.group_id}.entrance"
+
     def preset_topic(self, preset: str) -> str:
         """Requests for one preset, read only by workers that serve it: a request nobody serves yet waits
         here (and counts no attempts) until such a worker joins."""

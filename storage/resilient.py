@@ -30,7 +30,9 @@ class CircuitOpen(redis.ConnectionError):
 class RedisGuard:
     """Health bookkeeping plus a circuit breaker shared by every Redis wrapper of the process."""
 
-    def __init__(self, health: BackendHealth, open_seconds: float = 5.0) -> None:
+    OPEN_SECONDS = 5.0
+
+    def __init__(self, health: BackendHealth, open_seconds: float = OPEN_SECONDS) -> None:
         self.health, self.open_seconds = health, open_seconds
         self._open_until = 0.0
 

@@ -75,8 +75,9 @@ def start_app(tiny_model: TinyModel, workdir: Path, timeout: float = 120.0, **ex
     return launch_app(app_env(tiny_model, port, workdir / "outputs", **extra), workdir, timeout)
 
 
-def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name: str = "app") -> RunningApp:
-    """`python app.py` with env; returns once /healthz says ok."""
+def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name: str = "app",
+               ready: tuple[str, ...] = ("ok",)) -> RunningApp:
+    """`python app.py` with env; returns once /healthz says one of `ready` (ok by default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
@@ -88,7 +89,7 @@ def launch_app(env: dict[str, str], workdir: Path, timeout: float = 120.0, name:
         if process.poll() is not None:
             raise RuntimeError(f"app exited with {process.returncode}:\n{app.log()}")
         try:
-            if get_json(f"{app.url}/healthz")[1]["status"] == "ok":
+            if get_json(f"{app.url}/healthz")[1]["status"] in ready:
                 return app
         except (OSError, ValueError):
             pass

@@ -11,8 +11,9 @@ import pytest
 import redis
 from gradio_client import Client
 
-from tests.conftest import get_json, start_app, stop_app
-from tests.services import FailingS3, Fleet, RedisServer, TansuBroker
+from storage.resilient import RedisGuard
+from tests.conftest import get_json, start_app, stop_app, wait_for_status
+from tests.services import S3_KEY, S3_SECRET, FailingS3, Fleet, RedisServer, TansuBroker
 
 pytestmark = pytest.mark.timeout(600)
 SMALL = {"negative_prompt": "", "preset": "base", "width": 256, "height": 256, "steps": 2, "guidance_scale": 5.0}
@@ -26,9 +27,15 @@ def _health(app) -> dict:
     return get_json(f"{app.url}/healthz")[1]
 
 
-def test_redis_outage_degrades_then_caching_resumes(tiny_model, tmp_path) -> None:
+def _with_redis_and_s3(server: RedisServer, s3_server, namespace: str) -> dict[str, str]:
+    return {"MODEL_PRESET": "base", "REDIS_URL": server.url, "REDIS_NAMESPACE": namespace,
+            "S3_ENDPOINT_URL": s3_server.endpoint, "R2_BUCKET": s3_server.bucket(), "R2_ACCESS_KEY_ID": S3_KEY,
+            "R2_SECRET_ACCESS_KEY": S3_SECRET}
+
+
+def test_redis_outage_degrades_then_caching_resumes(tiny_model, tmp_path, s3_server) -> None:
     server = RedisServer(tmp_path)
-    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", REDIS_URL=server.url, REDIS_NAMESPACE="outage")
+    app = start_app(tiny_model, tmp_path, **_with_redis_and_s3(server, s3_server, "outage"))
     try:
         client = Client(app.url, verbose=False)
         _, before = _generate(client, "before the outage")
@@ -41,12 +48,59 @@ def test_redis_outage_degrades_then_caching_resumes(tiny_model, tmp_path) -> Non
         assert health["status"] == "degraded" and "Redis" in health["degraded"]
         assert "caching resumes by itself" in health["degraded"]["Redis"]["meaning"]
         server.start()
+        time.sleep(RedisGuard.OPEN_SECONDS + 1)  # the circuit breaker lets calls through again after this
         _, after = _generate(client, "after the outage")
         assert cache.exists(f"outage:result:{after['fingerprint']}")
         assert _health(app)["status"] == "ok"
         _, again = _generate(client, "after the outage")
         assert again["cached"] is True
     finally:
+        stop_app(app)
+        server.stop()
+
+
+def test_job_finished_while_redis_is_away_is_written_back(tiny_model, tmp_path, s3_server) -> None:
+    from storage.redis_store import RedisJobStore
+
+    server = RedisServer(tmp_path)
+    app = start_app(tiny_model, tmp_path, **_with_redis_and_s3(server, s3_server, "writeback"))
+    try:
+        client = Client(app.url, verbose=False)
+        slow = {**SMALL, "width": 512, "height": 512, "steps": 12}
+        request_id = client.predict(prompt="finished in the dark", seed=5, **slow, api_name="/submit")
+        wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
+        server.stop()  # the job finishes while Redis is away: its end is known to this Space only
+        done = wait_for_status(client, request_id, lambda s: s["state"] == "done", timeout=120)
+        assert done["result"]["url"]
+        server.start()
+        jobs = RedisJobStore(redis.Redis.from_url(server.url), "writeback", 3600)
+        deadline = time.monotonic() + 20
+        while (job := jobs.get(request_id)) is None or job.state != "done":
+            assert time.monotonic() < deadline, f"Redis still says {job and job.state}"
+            time.sleep(0.2)
+        assert job.result["url"] == done["result"]["url"]  # the newest state won
+    finally:
+        stop_app(app)
+        server.stop()
+
+
+def test_hanging_redis_costs_seconds_not_a_timeout_per_call(tiny_model, tmp_path, s3_server) -> None:
+    server = RedisServer(tmp_path)
+    app = start_app(tiny_model, tmp_path, **_with_redis_and_s3(server, s3_server, "hang"))
+    try:
+        client = Client(app.url, verbose=False)
+        _generate(client, "before the hang")
+        server.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        started = time.monotonic()
+        _, meta = _generate(client, "while Redis hangs")
+        elapsed = time.monotonic() - started
+        # ~15 Redis calls per request at 2 s x 2 tries each would be a minute; the breaker skips them.
+        assert meta["cached"] is False and elapsed < 25, elapsed
+        health_started = time.monotonic()
+        assert _health(app)["status"] == "degraded"
+        assert time.monotonic() - health_started < 5
+    finally:
+        server.process.send_signal(signal.SIGCONT)
         stop_app(app)
         server.stop()
 
@@ -79,11 +133,13 @@ def test_kafka_away_at_startup_then_back(tiny_model, tmp_path, redis_server, s3_
     broker_port_holder = TansuBroker(tmp_path)  # reserve a port, then stop: Kafka is "away"
     broker_port_holder.stop()
     fleet = Fleet(tiny_model, tmp_path, broker_port_holder.bootstrap, redis_server.url, s3_server, s3_server.bucket())
-    app = launch_app(fleet.env(WORKER_NAME="lonely"), tmp_path, name="lonely")
+    app = launch_app(fleet.env(WORKER_NAME="lonely"), tmp_path, name="lonely", ready=("degraded",))
     fleet.processes["lonely"] = app.process
     try:
         health = _health(app)
         assert any(p.startswith(f"Kafka unreachable at {broker_port_holder.bootstrap}") for p in health["unreachable"])
+        # the consumer's real state, not "ok": it cannot take requests while the broker is away
+        assert "Kafka consumer" in health["degraded"] and health["consumer"]["state"] == "connecting"
         client = Client(app.url, verbose=False)
         with pytest.raises(Exception, match="Kafka"):
             _generate(client, "while Kafka is away")  # refused with the reason: not silently dropped
@@ -97,6 +153,7 @@ def test_kafka_away_at_startup_then_back(tiny_model, tmp_path, redis_server, s3_
             except Exception:
                 time.sleep(1)
         assert meta["worker"] == "lonely" and "Kafka" not in _health(app)["degraded"]
+        assert _health(app)["consumer"]["state"] == "consuming"
     finally:
         fleet.stop_all()
         broker_port_holder.stop()
@@ -108,7 +165,8 @@ def test_kafka_away_with_local_fallback_serves_here(tiny_model, tmp_path, redis_
     broker = TansuBroker(tmp_path)
     broker.stop()
     fleet = Fleet(tiny_model, tmp_path, broker.bootstrap, redis_server.url, s3_server, s3_server.bucket())
-    app = launch_app(fleet.env(WORKER_NAME="solo", KAFKA_FALLBACK_LOCAL="1"), tmp_path, name="solo")
+    app = launch_app(fleet.env(WORKER_NAME="solo", KAFKA_FALLBACK_LOCAL="1"), tmp_path, name="solo",
+                     ready=("degraded",))
     fleet.processes["solo"] = app.process
     try:
         _, meta = _generate(Client(app.url, verbose=False), "served here while Kafka is away")
@@ -178,32 +236,70 @@ def test_request_crashing_every_time_ends_in_dlq_and_worker_carries_on(tmp_path,
         fleet.stop_all()
 
 
-def test_dead_letters_are_replayed_once_the_cause_is_fixed(fleet) -> None:
+def test_a_preset_nobody_serves_waits_in_its_topic_without_using_attempts(fleet) -> None:
+    from kafka import KafkaProducer
+
     from inference.request import GenerationRequest
-    from queueing.dlq import main as dlq_main
+    from queueing.messages import encode_request
 
     fleet.start_worker("base-only")  # serves the base preset only
     fleet.wait_for_workers(["base-only"])
-    lost = GenerationRequest.create("a turbo request nobody serves", preset="turbo", width=256, height=256,
-                                    steps=1, seed=5)
+    direct = GenerationRequest.create("a turbo request", preset="turbo", width=256, height=256, steps=1, seed=5)
+    entrance = GenerationRequest.create("a turbo request via the entrance", preset="turbo", width=256, height=256,
+                                        steps=1, seed=6)
     with fleet.client() as client:
-        client.submit(lost)
-        failed = client.wait(lost.request_id, timeout=120)
-        assert failed["state"] == "failed" and "not served by worker base-only" in failed["error"]
-        from tests.services import stop_process
+        client.submit(direct)  # to <prefix>.requests.turbo
+        producer = KafkaProducer(bootstrap_servers=fleet.bootstrap)  # any producer: the entrance topic
+        producer.send(f"{fleet.prefix}.requests", encode_request(entrance)).get(timeout=10)
+        producer.close()
+        with pytest.raises(TimeoutError):
+            client.wait_all([direct.request_id, entrance.request_id], timeout=8)
+        from tests.test_fleet import _topic_messages
 
-        stop_process(fleet.processes["base-only"])  # the fix: this fleet now runs the turbo preset
+        assert _topic_messages(fleet.bootstrap, f"{fleet.prefix}.dlq") == []  # nothing failed for it
         fleet.start_worker("turbo", MODEL_PRESET="turbo")
-        fleet.wait_for_workers(["turbo"])
-        env = {"KAFKA_BOOTSTRAP_SERVERS": fleet.bootstrap, "KAFKA_TOPIC_PREFIX": fleet.prefix}
-        with pytest.MonkeyPatch.context() as patch:
-            for key, value in env.items():
-                patch.setenv(key, value)
-            assert dlq_main(["replay"]) == 0
-            assert dlq_main(["replay"]) == 0  # a second run resends nothing
-        deadline = time.monotonic() + 120
+        results = client.wait_all([direct.request_id, entrance.request_id], timeout=120)
+    assert all(r["state"] == "done" and r["result"]["worker"] == "turbo" for r in results.values()), results
+    _, jobs = fleet.redis_fleet()
+    assert [jobs.get(r).attempts for r in (direct.request_id, entrance.request_id)] == [1, 1]
+
+
+def test_dead_letters_are_replayed_once_the_cause_is_fixed(tiny_model, tmp_path, kafka_bootstrap, redis_server,
+                                                           s3_server) -> None:
+    from inference.request import GenerationRequest
+    from queueing.dlq import replay, settings_from_env
+    from tests.conftest import TinyModel
+    from tests.sdxl_builder import build_tiny_sdxl
+    from tests.services import stop_process
+
+    build_tiny_sdxl(tmp_path / "fragile", ascii_only=True)  # fails on any non-ASCII prompt
+    fragile = TinyModel(tmp_path / "fragile" / "sdxl", tmp_path / "fragile" / "taesd")
+    fleet = Fleet(fragile, tmp_path, kafka_bootstrap, redis_server.url, s3_server, s3_server.bucket())
+    first, second = (GenerationRequest.create(p, preset="base", width=256, height=256, steps=2, seed=1)
+                     for p in ("a café sign", "a naïve knight"))
+    try:
+        fleet.start_worker("fragile", MAX_ATTEMPTS="1")
+        fleet.wait_for_workers(["fragile"])
+        with fleet.client() as client:
+            for request in (first, second):
+                client.submit(request)
+            failed = client.wait_all([first.request_id, second.request_id], timeout=120)
+        assert all(r["state"] == "failed" for r in failed.values()), failed
+        stop_process(fleet.processes["fragile"])  # the fix: a model that reads any text
+        healthy = Fleet(tiny_model, tmp_path, kafka_bootstrap, redis_server.url, s3_server, fleet.bucket,
+                        prefix=fleet.prefix)
+        healthy.start_worker("healthy")
+        healthy.wait_for_workers(["healthy"])
+        settings = settings_from_env({"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA_TOPIC_PREFIX": fleet.prefix})
+        assert replay(settings, {first.request_id})["replayed"] == 1  # just this one, committing nothing
+        assert replay(settings)["replayed"] == 2  # so the other one is still there (and this one again)
+        assert replay(settings)["replayed"] == 0  # a second full replay resends nothing
         _, jobs = fleet.redis_fleet()
-        while jobs.get(lost.request_id).state != "done":
-            assert time.monotonic() < deadline, jobs.get(lost.request_id)
+        deadline = time.monotonic() + 120
+        while {jobs.get(r.request_id).state for r in (first, second)} != {"done"}:
+            assert time.monotonic() < deadline, [jobs.get(r.request_id) for r in (first, second)]
             time.sleep(0.2)
-    assert jobs.get(lost.request_id).worker == "turbo"
+        assert {jobs.get(r.request_id).worker for r in (first, second)} == {"healthy"}
+        healthy.stop_all()
+    finally:
+        fleet.stop_all()
