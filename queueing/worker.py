@@ -19,7 +19,7 @@ from inference.request import GenerationRequest, GenerationResult
 from storage.cache import ResultCache
 from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
 from storage.keys import fingerprint, object_key
-from storage.objects import ObjectStore
+from storage.objects import ObjectStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,15 @@ class Worker:
             self._handle_group(request, fp)
         except Cancelled as error:
             if self._interrupted.is_set():  # a shutdown is no failure: its attempt does not count
-                job = self.jobs.get(request.request_id)
-                if job is not None and job.attempts:
-                    self.jobs.update(request.request_id, attempts=job.attempts - 1)
+                self._undo_attempt(request.request_id)
                 self._requeue_group(fp, "the worker shut down; another worker will take it")
                 raise Interrupted(str(error)) from error
             self._finish_group(fp, CANCELLED, error=str(error))
+        except StoreUnavailable as error:  # the image is made and kept here; only its upload failed
+            logger.warning("request %s: %s", request.request_id, error)
+            self._undo_attempt(request.request_id)
+            self._requeue_group(fp, f"{error} (the image is kept and uploaded on the next try)")
+            raise RetryLater(str(error)) from error
         except GenerationError as error:
             logger.warning("request %s failed: %s", request.request_id, error)
             if error.retriable and not final_attempt:
@@ -210,6 +213,11 @@ class Worker:
             self.jobs.update(request_id, attempts=job.attempts + 1)
         if self.metrics:
             self.metrics.attempts.inc()
+
+    def _undo_attempt(self, request_id: str) -> None:
+        job = self.jobs.get(request_id)
+        if job is not None and job.attempts:
+            self.jobs.update(request_id, attempts=job.attempts - 1)
 
     def _generate_and_store(self, request: GenerationRequest, fp: str) -> dict[str, Any]:
         started = time.perf_counter()

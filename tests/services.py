@@ -233,3 +233,56 @@ class FailingS3:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+class S3Gate:
+    """A door in front of the real S3 server: open, it forwards every request unchanged; closed, it
+    answers 503 (the "R2 fails, then recovers" fault)."""
+
+    def __init__(self, s3: S3Server) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        outer = self
+        self.open, self.refused = True, 0
+        target_port = s3.port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not outer.open:
+                    outer.refused += 1
+                    payload = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = upstream.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                upstream.close()
+
+            do_PUT = do_GET = do_HEAD = do_POST = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
