@@ -209,6 +209,7 @@ class Settings:
     rate_limit_per_hour: int = 100  # 0: no hourly limit
     max_jobs_per_user: int = 4  # 0: no cap on requests in flight
     trusted_proxy_hops: int = 0  # proxies in front of the app that append to X-Forwarded-For (1 on a Space)
+    sign_in: bool = False  # "Sign in with Hugging Face": on a Space whose card says hf_oauth: true
     output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
     fleet: FleetSettings = field(default_factory=FleetSettings)
 
@@ -239,6 +240,9 @@ class Settings:
             rate_limit_per_hour=read.int("RATE_LIMIT_PER_HOUR", 100),
             max_jobs_per_user=read.int("MAX_JOBS_PER_USER", 4),
             trusted_proxy_hops=read.int("TRUSTED_PROXY_HOPS", 1 if on_space else 0),
+            # Hugging Face sets OAUTH_CLIENT_ID on a Space with hf_oauth: true; elsewhere Gradio's login
+            # is a mock that needs a token and the Hub, so the button is shown only on such a Space.
+            sign_in=on_space and bool(read.str("OAUTH_CLIENT_ID")),
             fleet=FleetSettings.from_env(env),
         )
 
@@ -734,7 +738,11 @@ def build_ui(services: Services):
     handlers = Handlers(services)
     preset = get_preset(services.identity.preset)
     with gr.Blocks(title="Crafterse image generation") as demo:
-        gr.Markdown("# Crafterse image generation")
+        with gr.Row():
+            gr.Markdown("# Crafterse image generation")
+            if services.settings.sign_in:
+                # Signed-in designers are counted (limits) and own their jobs by their Hugging Face name.
+                gr.LoginButton(size="sm", scale=0)
         banner = gr.Markdown(elem_id="model-banner")
         timer = gr.Timer(1.0)
         request_state = gr.State(None)

@@ -71,3 +71,20 @@ def test_an_overlong_chosen_id_names_the_field(proxied_app) -> None:
     with pytest.raises(AppError, match="request_id: at most 112 characters"):
         _as(proxied_app, "192.0.2.14").predict(prompt="x", seed=1, request_id="a" * 120, **SMALL,
                                                api_name="/submit")
+
+
+def test_identity_rules() -> None:
+    from queueing.admission import client_address, identify, may_see
+    from storage.jobs import Job
+
+    assert client_address("1.2.3.4, 203.0.113.5", "10.0.0.1", trusted_hops=1) == "203.0.113.5"
+    assert client_address("forged, 203.0.113.5, 10.0.0.2", "10.0.0.1", trusted_hops=2) == "203.0.113.5"
+    assert client_address("forged", "192.0.2.1", trusted_hops=0) == "192.0.2.1"  # no proxy: the peer
+    alice = identify("alice", {}, "192.0.2.1", 1)
+    assert alice.key == "user:alice" and alice.signed_in
+    anonymous = identify(None, {"x-forwarded-for": "203.0.113.5"}, "10.0.0.1", 1)
+    assert anonymous.key.startswith("ip:") and "203.0.113.5" not in anonymous.key  # kept as a hash
+    private = Job(request_id="x", fingerprint="f", owner=alice.key, private=True)
+    assert may_see(private, alice) and not may_see(private, anonymous)
+    capability = Job(request_id="y", fingerprint="f", owner=anonymous.key, private=False)
+    assert may_see(capability, alice)  # an anonymous random id: whoever holds it
