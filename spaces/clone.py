@@ -5,7 +5,10 @@
 
 Duplicating a Space copies its files and variables but not its secrets, so this sets every secret and
 variable the clone needs, from this shell's environment (the same names the app reads). Safe to run
-twice: an existing target is updated in place. Secret values are never printed.
+twice: an existing target is found first and updated in place (duplicating onto it would fail).
+Secret values are never printed. The default hardware is `cpu-upgrade`, set never to sleep: a fleet
+worker has no visitors, and free `cpu-basic` Spaces sleep after 48 hours without any. Variables that
+make a Space UI-only or name one worker (KAFKA_CONSUME, WORKER_NAME) are not carried into a clone.
 
 This file is operator tooling: the app never imports it, and this folder has no __init__.py (a package
 named `spaces` would shadow Hugging Face's own package on the Space).
@@ -30,6 +33,11 @@ VARIABLE_NAMES = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_S
                   "R2_PUBLIC_BASE_URL", "MODEL_PRESET", "MODEL_ID", "TINY_VAE_ID")
 # Without these the clone would run alone instead of joining the fleet.
 REQUIRED = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")
+# The source's own role: a clone meant to add capacity must consume, under a name of its own.
+NOT_CARRIED = ("KAFKA_CONSUME", "WORKER_NAME")
+DEFAULT_HARDWARE = "cpu-upgrade"
+FREE_HARDWARE = "cpu-basic"  # sleeps after 48 h without visitors; its sleep time cannot be changed
+NEVER_SLEEP = -1
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,31 @@ def plan_clone(source: str, target: str, hardware: str, private: bool, env: Mapp
 
 
 def apply_clone(api: Any, plan: ClonePlan) -> str:
-    """Duplicate (or update) the target Space. `api` is a huggingface_hub.HfApi."""
-    url = api.duplicate_repo(
-        plan.source, plan.target, repo_type="space", private=plan.private, exist_ok=True,
-        space_hardware=plan.hardware,
-        space_secrets=[{"key": k, "value": v} for k, v in plan.secrets.items()],
-        space_variables=[{"key": k, "value": v} for k, v in plan.variables.items()],
-    )
-    # On a second run the Space exists and duplicate_repo leaves it as it was: set everything again.
+    """Duplicate the source Space, or update the target if it exists. `api` is a huggingface_hub.HfApi."""
+    if api.repo_exists(plan.target, repo_type="space"):
+        # duplicate_repo(exist_ok=True) would swallow the Hub's 409 and then fail reading its body
+        logger.info("%s exists: updating it", plan.target)
+        url = f"{api.endpoint}/spaces/{plan.target}"
+    else:
+        url = api.duplicate_repo(
+            plan.source, plan.target, repo_type="space", private=plan.private, space_hardware=plan.hardware,
+            space_secrets=[{"key": k, "value": v} for k, v in plan.secrets.items()],
+            space_variables=[{"key": k, "value": v} for k, v in plan.variables.items()],
+        )
     for key, value in plan.secrets.items():
         api.add_space_secret(plan.target, key, value)
     for key, value in plan.variables.items():
         api.add_space_variable(plan.target, key, value)
+    carried = api.get_space_variables(plan.target)  # duplication copies all of the source's variables
+    for key in NOT_CARRIED:
+        if key in carried:
+            api.delete_space_variable(plan.target, key)
     api.request_space_hardware(plan.target, plan.hardware)
+    if plan.hardware != FREE_HARDWARE:
+        api.set_space_sleep_time(plan.target, NEVER_SLEEP)
+    else:
+        logger.warning("%s sleeps after 48 hours without visitors, and a Kafka consumer is none: use "
+                       "paid hardware (--hardware %s) for a fleet worker", FREE_HARDWARE, DEFAULT_HARDWARE)
     return str(url)
 
 
@@ -78,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="the Space to copy, e.g. crafterse/imagegen")
     parser.add_argument("--target", required=True, help="the new Space, e.g. crafterse/imagegen-2")
-    parser.add_argument("--hardware", default="cpu-basic", help="cpu-basic, cpu-upgrade, t4-small, l4x1, ...")
+    parser.add_argument("--hardware", default=DEFAULT_HARDWARE,
+                        help="cpu-upgrade (default, never sleeps), t4-small, l4x1, ...; cpu-basic sleeps after 48 h")
     parser.add_argument("--public", action="store_true", help="make the clone public (default private)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be set, change nothing")
     args = parser.parse_args(argv)
