@@ -186,7 +186,7 @@ class Worker:
         a time fleet-wide; a dead holder's claim expires within the claim TTL."""
         if self.claims is None:
             return None
-        token = self._claim_token(request)
+        token, waited = self._claim_token(request), False
         while True:
             holder = self.claims.claim(fp, token)
             # Checked after claiming too: the holder may have finished and released just before.
@@ -200,6 +200,9 @@ class Worker:
             if self._all_cancelled(fp):
                 raise Cancelled(f"request {request.request_id} was cancelled while another worker ran it")
             holder_id = holder.split("@", 1)[0]
+            if not waited:
+                logger.info("request %s: %s holds it; waiting for that result", request.request_id, holder)
+                waited = True
             holder_job = self.jobs.get(holder_id)
             self.jobs.wait(holder_id, holder_job.version if holder_job else 0, 1.0)
 

@@ -104,6 +104,7 @@ def test_a_request_id_reused_for_other_pixels_is_refused_on_the_topic(fleet) -> 
     assert job.state == "done" and job.result["object_key"] == done["result"]["object_key"]  # untouched
     dead = [json.loads(m.value) for m in _topic_messages(fleet.bootstrap, f"{fleet.prefix}.dlq")]
     assert [d["request_id"] for d in dead] == ["item-sword-1"] and "different request" in dead[0]["reason"]
+    time.sleep(1.5)  # heartbeats carry the count, once a second
     assert _generations(fleet) == 1
 
 
@@ -128,7 +129,7 @@ def test_the_same_request_delivered_twice_is_generated_once(fleet) -> None:
 def test_a_job_longer_than_max_poll_interval_is_not_redelivered(fleet) -> None:
     fleet.start_worker("patient", KAFKA_MAX_POLL_INTERVAL_MS="3000", KAFKA_SESSION_TIMEOUT_MS="3000")
     fleet.wait_for_workers(["patient"])
-    request = _request("a long, long render", width=512, height=512, steps=60, seed=9)
+    request = _request("a long, long render", width=512, height=512, steps=50, seed=9)
     with fleet.client() as client:
         started = time.monotonic()
         result = client.generate(request, timeout=300)
@@ -146,14 +147,16 @@ def test_a_rebalance_mid_job_runs_the_request_once(fleet) -> None:
     fleet.start_worker("z-first", KAFKA_PARTITIONS="1")
     fleet.wait_for_workers(["z-first"])
     _, jobs = fleet.redis_fleet()
-    request = _request("a render across a rebalance", width=512, height=512, steps=40, seed=11)
+    request = _request("a render across a rebalance", width=768, height=768, steps=50, seed=11)
     with fleet.client() as client:
         client.submit(request)
         _wait_job(jobs, request.request_id, lambda j: j.state == "running" and j.step >= 1)
         fleet.start_worker("a-late", KAFKA_PARTITIONS="1")
+        fleet.wait_for_workers(["a-late"])  # it holds the partition now, while the job still runs
+        assert jobs.get(request.request_id).state == "running"
         result = client.wait(request.request_id, timeout=240)
     assert result["state"] == "done" and result["result"]["worker"] == "z-first"
-    assert request.request_id in fleet.log("a-late")  # the redelivery did reach the newcomer
+    assert f"request {request.request_id}: {request.request_id}@z-first holds it" in fleet.log("a-late")
     job = jobs.get(request.request_id)
     assert job.attempts == 1 and job.worker == "z-first"
     time.sleep(1.5)
