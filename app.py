@@ -287,11 +287,15 @@ class Services:
         if self.heartbeat is not None:
             self.heartbeat.start()
 
-    def stop(self) -> None:
+    def stop_consumers(self) -> None:
+        """Leave the consumer groups warm: the job in hand finishes (or is handed back past the grace)."""
         self.stopping = True
         for loop in (self.entrance, self.consumer):
             if loop is not None:
                 loop.stop()
+
+    def stop(self) -> None:
+        self.stop_consumers()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.queue.stop()
@@ -825,7 +829,7 @@ def build_app(services: Services):
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         health = services.health()
-        return JSONResponse(health, status_code=503 if health["status"] == "failed" else 200)
+        return JSONResponse(health, status_code=503 if health["status"] in ("failed", "stopping") else 200)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -846,14 +850,37 @@ def _exit_when_model_fails(services: Services, server, exit_code: list[int]) -> 
         server.should_exit = True
 
 
+def _draining_server(config, services: Services):
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT: /healthz says "stopping" (503, so a load balancer moves away) and
+        the consumers stop warm (the job in hand finishes or is handed back) while the UI still answers
+        /status; only then does the HTTP server close. A second signal closes it at once."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining:
+                return super().handle_exit(sig, frame)
+            self.draining = services.stopping = True
+            threading.Thread(target=self._drain, args=(sig, frame), name="drain", daemon=True).start()
+
+        def _drain(self, sig, frame) -> None:
+            services.stop_consumers()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
 def serve(services: Services) -> int:
     import uvicorn
 
     settings = services.settings
     app = build_app(services)
     # Open streams (browser tabs, clients' event streams) would hold a graceful shutdown forever.
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.server_name, port=settings.server_port,
-                                           log_level="warning", timeout_graceful_shutdown=3))
+    server = _draining_server(uvicorn.Config(app, host=settings.server_name, port=settings.server_port,
+                                             log_level="warning", timeout_graceful_shutdown=3), services)
     # uvicorn handles SIGTERM itself, then raises it again once the server is down; with these
     # handlers in place that second raise returns here, so the worker shuts down warm (services.stop).
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -898,7 +925,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true",
                         help="run only the Kafka consumer (no UI): a GPU or CPU machine joining the fleet")
     args = parser.parse_args(argv)
-    settings = Settings.from_env(os.environ)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ValueError as error:  # names the variable: one line, no traceback
+        configure_logging("INFO")
+        logger.error("%s", error)
+        return 2
     configure_logging(settings.log_level)
     if args.worker and not settings.fleet.kafka_bootstrap_servers:
         logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS (and REDIS_URL): it serves the fleet's topic")

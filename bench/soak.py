@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import threading
@@ -179,17 +178,19 @@ def run(layout: str, minutes: float) -> dict:
         finally:
             stop_all(things)
     total = sum(tally.outcomes.values())
-    return {"layout": layout, "minutes": minutes, "cpu": platform.processor() or _cpu_name(),
+    return {"layout": layout, "minutes": minutes, "cpu": _cpu_name(),
             "requests": total, "success_rate": round(tally.outcomes["ok"] / max(1, total), 4),
             "wait_p50_s": round(percentile(tally.waits, 0.5), 2), "wait_p95_s": round(percentile(tally.waits, 0.95), 2),
             "outcomes": dict(tally.outcomes), "processes": {n: {"start": start[n], "end": end[n]} for n in pids}}
 
 
 def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    """The CPU and its matrix units (they set the pipeline's speed: see bench.speed)."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    units = [flag for flag in ("avx512_bf16", "amx_bf16", "amx_int8") if flag in flags] or ["no bf16 units"]
+    return f"{name} ({os.cpu_count()} cores; {', '.join(units)})"
 
 
 def main() -> None:

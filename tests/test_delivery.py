@@ -233,3 +233,34 @@ def test_object_store_failing_then_recovering_delivers_the_image_fleet_wide(flee
         assert jobs.get(request.request_id).attempts == 1
     finally:
         gate.stop()
+
+
+def test_healthz_while_loading_and_while_shutting_down(fleet) -> None:
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    from tests.conftest import get_json, launch_app, wait_for_status
+
+    app = launch_app(fleet.env(WORKER_NAME="ui", SHUTDOWN_GRACE_SECONDS="60"), fleet.workdir, name="ui",
+                     ready=("starting", "ok"))
+    fleet.processes["ui"] = app.process
+    first = get_json(f"{app.url}/healthz")[1]
+    if first["status"] == "starting":  # caught while the model loads: not in the consumer group yet
+        assert first["consumer"]["state"] == "waiting for the model" and first["consumer"]["partitions"] == 0
+    fleet.wait_for_workers(["ui"])
+    client = Client(app.url, verbose=False)
+    slow = {"negative_prompt": "", "preset": "base", "width": 512, "height": 512, "steps": 50,
+            "guidance_scale": 5.0}
+    request_id = client.predict(prompt="finished while draining", seed=14, **slow, api_name="/submit")
+    wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["step"] >= 1)
+    app.process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    with pytest.raises(urllib.error.HTTPError) as draining:  # still answering, and saying it is going
+        urllib.request.urlopen(f"{app.url}/healthz", timeout=5)
+    assert draining.value.code == 503 and json.loads(draining.value.read())["status"] == "stopping"
+    done = wait_for_status(client, request_id, lambda s: s["state"] == "done", timeout=120)
+    assert done["result"]["worker"] == "ui"  # the job in hand finished here, within the grace period
+    assert app.process.wait(60) == 0

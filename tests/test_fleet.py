@@ -13,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from inference.images import read_parameters
 from inference.request import GenerationRequest
+from queueing.messages import encode_request
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.timeout(600)
@@ -147,7 +148,9 @@ def test_worker_killed_mid_generation_hands_the_request_to_another(fleet) -> Non
             assert jobs.get(request.request_id).attempts == 2
     messages = [json.loads(m.value) for m in _topic_messages(fleet.bootstrap, f"{fleet.prefix}.results")]
     outcomes = Counter((m["request_id"], m["state"]) for m in messages)
+    # exactly one result per request, and it is done: the killed worker published nothing
     assert len(outcomes) == 5 and all(state == "done" for _, state in outcomes)
+    assert set(outcomes.values()) == {1}, outcomes
 
 
 def test_broker_restart_between_submit_and_consume_loses_nothing(tiny_model, tmp_path, redis_server,
@@ -159,14 +162,18 @@ def test_broker_restart_between_submit_and_consume_loses_nothing(tiny_model, tmp
     broker = TansuBroker(tmp_path, s3=s3_server)
     fleet = Fleet(tiny_model, tmp_path, broker.bootstrap, redis_server.url, s3_server, s3_server.bucket())
     try:
+        fleet.start_worker("through-restart")  # running before, during and after the restart
+        fleet.wait_for_workers(["through-restart"])
+        queued = [_request(f"a request that outlives its broker {i}", seed=77 + i) for i in range(3)]
         with fleet.client() as client:
-            request = _request("a request that outlives its broker", seed=77)
-            client.submit(request)
+            for request in queued:
+                client.submit(request)
             broker.stop()
+            time.sleep(2)
             broker.start()
-            fleet.start_worker("after-restart")
-            result = client.wait(request.request_id, timeout=180)
-        assert result["state"] == "done" and result["result"]["worker"] == "after-restart"
+            results = client.wait_all([r.request_id for r in queued], timeout=180)
+        assert all(r["state"] == "done" and r["result"]["worker"] == "through-restart" for r in results.values())
+        assert fleet.processes["through-restart"].poll() is None
     finally:
         fleet.stop_all()
         broker.stop()
@@ -176,14 +183,22 @@ def test_identical_requests_on_two_workers_are_generated_once(fleet) -> None:
     fleet.start_worker("t1")
     fleet.start_worker("t2")
     fleet.wait_for_workers(["t1", "t2"])
-    slow = {"width": 512, "height": 512, "steps": 12, "seed": 4}
+    slow = {"width": 512, "height": 512, "steps": 30, "seed": 4}
+    twins = [_request("one golden idol", request_id=f"idol-{i}", **slow) for i in range(2)]
+    # 12 partitions, range assignor: one worker holds 0-5, the other 6-11. Partitions 0 and 11 put
+    # one twin on each worker for sure: the second must wait for the first one's claim.
+    producer = KafkaProducer(bootstrap_servers=fleet.bootstrap)
+    for request, partition in zip(twins, (0, 11)):
+        producer.send(f"{fleet.prefix}.requests.base", encode_request(request), partition=partition).get(timeout=10)
+    producer.close()
     with fleet.client() as client:
-        # Round-robin partitions put consecutive requests on different partitions, so both workers
-        # get one: the second must wait for the first one's claim instead of generating again.
-        ids = [client.submit(_request("one golden idol", request_id=f"idol-{i}", **slow)) for i in range(4)]
+        ids = [r.request_id for r in twins]
         results = client.wait_all(ids, timeout=180)
     assert all(r["state"] == "done" for r in results.values())
     assert len({r["result"]["object_key"] for r in results.values()}) == 1
     assert sum(not r["result"]["cached"] for r in results.values()) == 1
+    logs = fleet.log("t1") + fleet.log("t2")
+    assert all(f"[{r.request_id}]" in fleet.log("t1") or f"[{r.request_id}]" in fleet.log("t2") for r in twins)
+    assert logs.count("holds it; waiting for that result") == 1  # the claim path did run
     time.sleep(1.5)
     assert _generations(fleet) == 1

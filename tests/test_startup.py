@@ -14,6 +14,7 @@ import app
 services = app.build_services(app.Settings.from_env(__import__("os").environ))
 client = TestClient(app.build_app(services))
 assert client.get("/config").status_code == 200
+assert "Sign in with Hugging Face" in client.get("/config").text  # the sign-in button is on the page
 assert client.get("/healthz").json()["model"]["preset"] == "turbo"
 print("built on spaces")
 """
@@ -47,11 +48,23 @@ def test_unknown_preset_is_one_line_not_a_traceback(tiny_model, tmp_path) -> Non
     assert "preset: unknown preset 'sd15'" in run.stderr
 
 
+def test_a_bad_setting_names_its_variable(tiny_model, tmp_path) -> None:
+    for name, value, words in (("KAFKA_PARTITIONS", "abc", "Not a valid int"), ("MAX_ATTEMPTS", "0", "at least 1"),
+                               ("WARMUP", "maybe", "Not a valid bool")):
+        run = _run_app(app_env(tiny_model, free_port(), tmp_path / "out", **{name: value}))
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        errors = [line for line in run.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"'{name}'" in errors[0] and words in errors[0], errors
+
+
 def test_app_builds_with_system_spaces(tiny_model, tmp_path) -> None:
     # Our spaces/ folder (no __init__.py) must not shadow the `spaces` package Gradio imports there.
     assert not (REPO_ROOT / "spaces" / "__init__.py").exists()
+    # With hf_oauth: true the Space sets the OAuth variables: the sign-in button and its routes are built.
     env = app_env(tiny_model, free_port(), tmp_path / "out", SYSTEM="spaces", SPACE_ID="crafterse/imagegen",
-                  SPACE_HOST="crafterse-imagegen.hf.space", WARMUP="0")
+                  SPACE_HOST="crafterse-imagegen.hf.space", WARMUP="0", OAUTH_CLIENT_ID="client-id",
+                  OAUTH_CLIENT_SECRET="client-secret", OPENID_PROVIDER_URL="https://huggingface.co",
+                  OAUTH_SCOPES="openid profile")
     run = subprocess.run([sys.executable, "-c", SPACES_BUILD], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
