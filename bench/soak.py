@@ -13,7 +13,8 @@ The tiny SDXL pipeline runs at 512x512 with enough steps to take about a second 
 this machine (the real work of a CPU Space is slower; the point here is the serving path under load).
 
 Prints and writes bench/results/soak-<layout>.json: success rate, p50/p95 wait, refusals by reason,
-and for each process its RSS, threads and open sockets at the start and at the end.
+and for each process its RSS, threads and open sockets idle, after the first (warm-up) minute and at the
+end, with RSS every minute: flat means no growth after the warm-up minute.
 """
 
 from __future__ import annotations
@@ -163,9 +164,12 @@ def run(layout: str, minutes: float) -> dict:
         urls, pids, backend, things = start_layout(layout, Path(folder))
         try:
             time.sleep(3)
-            start = {name: process_figures(pid) for name, pid in pids.items()}
+            idle = {name: process_figures(pid) for name, pid in pids.items()}
             tally = Tally()
             until = time.monotonic() + minutes * 60
+            samples: list[dict] = []
+            sampler = threading.Thread(target=sample_every_minute, args=(pids, until, samples), daemon=True)
+            sampler.start()
             threads = [threading.Thread(target=designer, args=(urls[i % len(urls)], i, until, tally))
                        for i in range(DESIGNERS)]
             threads.append(threading.Thread(target=backend, args=(until, tally)))
@@ -177,11 +181,21 @@ def run(layout: str, minutes: float) -> dict:
             end = {name: process_figures(pid) for name, pid in pids.items()}
         finally:
             stop_all(things)
+    # The first minute warms up (allocator, thread pools, connections): flat means no growth after it.
+    warm = samples[0] if samples else idle
     total = sum(tally.outcomes.values())
     return {"layout": layout, "minutes": minutes, "cpu": _cpu_name(),
             "requests": total, "success_rate": round(tally.outcomes["ok"] / max(1, total), 4),
             "wait_p50_s": round(percentile(tally.waits, 0.5), 2), "wait_p95_s": round(percentile(tally.waits, 0.95), 2),
-            "outcomes": dict(tally.outcomes), "processes": {n: {"start": start[n], "end": end[n]} for n in pids}}
+            "outcomes": dict(tally.outcomes),
+            "processes": {n: {"idle": idle[n], "after_1_min": warm[n], "end": end[n],
+                              "rss_mb_by_minute": [s[n]["rss_mb"] for s in samples]} for n in pids}}
+
+
+def sample_every_minute(pids: dict[str, int], until: float, samples: list[dict]) -> None:
+    while time.monotonic() + 60 < until + 1:
+        time.sleep(60)
+        samples.append({name: process_figures(pid) for name, pid in pids.items()})
 
 
 def _cpu_name() -> str:
@@ -203,7 +217,9 @@ def main() -> None:
           f"success {result['success_rate']:.1%}, wait p50 {result['wait_p50_s']} s, p95 {result['wait_p95_s']} s")
     print(f"outcomes: {result['outcomes']}")
     for name, figures in result["processes"].items():
-        print(f"  {name:10s} start {figures['start']}  end {figures['end']}")
+        print(f"  {name:10s} idle {figures['idle']}")
+        print(f"  {'':10s} after 1 min {figures['after_1_min']}  end {figures['end']}")
+        print(f"  {'':10s} RSS MB by minute {figures['rss_mb_by_minute']}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"soak-{args.layout}.json").write_text(json.dumps(result, indent=2))
     print(f"written to bench/results/soak-{args.layout}.json")

@@ -264,3 +264,19 @@ def test_healthz_while_loading_and_while_shutting_down(fleet) -> None:
     done = wait_for_status(client, request_id, lambda s: s["state"] == "done", timeout=120)
     assert done["result"]["worker"] == "ui"  # the job in hand finished here, within the grace period
     assert app.process.wait(60) == 0
+
+
+def test_a_worker_whose_model_fails_takes_no_requests(fleet, tmp_path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    doomed = fleet.start_worker("doomed", MODEL_ID=str(broken))
+    request = _request("waits for a worker that can draw", seed=31)
+    with fleet.client() as client:
+        client.submit(request)
+        assert doomed.wait(90) == 2  # it says why and exits, without joining the group
+        assert "joined group" not in fleet.log("doomed").lower()
+        _, jobs = fleet.redis_fleet()
+        assert jobs.get(request.request_id) is None  # nothing was failed (or even touched) for it
+        fleet.start_worker("able")
+        assert client.wait(request.request_id, timeout=120)["result"]["worker"] == "able"

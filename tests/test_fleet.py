@@ -116,6 +116,10 @@ def test_request_on_instance_a_is_generated_by_b_and_a_follows_it(fleet) -> None
     redis_fleet, _ = fleet.redis_fleet()
     time.sleep(1.5)
     assert {w["worker"]: w["generations"] for w in redis_fleet.workers()} == {"b": 1}
+    # Following progress and estimating waits never scan the keyspace, and each process shares one
+    # pattern subscription for all the jobs it waits on.
+    assert "cmdstat_scan" not in redis_fleet.client.info("commandstats")
+    assert redis_fleet.client.pubsub_numpat() <= len(fleet.processes)
     with open(image_path, "rb") as handle:
         assert handle.read() == fleet.s3.client.get_object(Bucket=fleet.bucket, Key=meta["object_key"])["Body"].read()
 

@@ -57,6 +57,13 @@ def test_a_bad_setting_names_its_variable(tiny_model, tmp_path) -> None:
         assert len(errors) == 1 and f"'{name}'" in errors[0] and words in errors[0], errors
 
 
+def test_a_fleet_that_could_not_deliver_images_is_refused(tiny_model, tmp_path) -> None:
+    run = _run_app(app_env(tiny_model, free_port(), tmp_path / "out", KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+                           REDIS_URL="redis://127.0.0.1:9/0"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "R2_BUCKET is not" in run.stderr and "could not be served by the others" in run.stderr
+
+
 def test_app_builds_with_system_spaces(tiny_model, tmp_path) -> None:
     # Our spaces/ folder (no __init__.py) must not shadow the `spaces` package Gradio imports there.
     assert not (REPO_ROOT / "spaces" / "__init__.py").exists()

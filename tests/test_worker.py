@@ -94,3 +94,18 @@ def test_status_of_an_unknown_request_says_so(services) -> None:
 def test_wrong_preset_is_refused(services) -> None:
     with pytest.raises(InvalidRequest, match="preset.*serves 'turbo'"):
         services.gateway.submit(GenerationRequest.create("a", preset="base", width=256, height=256))
+
+
+def test_local_copies_are_bounded_least_recently_used_out(tmp_path) -> None:
+    import os
+    import time as clock
+
+    from storage.objects import LocalObjectStore
+
+    store = LocalObjectStore(tmp_path, "http://x/outputs", max_bytes=2500)
+    for name in ("a", "b"):
+        store.put(f"images/{name}.png", b"x" * 1000, "image/png")
+        clock.sleep(0.02)
+    os.utime(tmp_path / "images" / "a.png", (clock.time() + 5, clock.time() + 5))  # "a" was read lately
+    store.put("images/c.png", b"x" * 1000, "image/png")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["a.png", "c.png"]
