@@ -70,19 +70,28 @@ class FleetBacklog:
                 self._lag = self._measure()
             except Exception as error:  # Kafka away: keep the last figure, try again later
                 logger.debug("could not measure the backlog: %s", type(error).__name__)
-                self._admin = self._consumer = None
+                self._close_clients()  # each client holds a network thread and sockets: never leak them
             time.sleep(self.every_seconds)
+
+    def _close_clients(self) -> None:
+        for client in (self._admin, self._consumer):
+            try:
+                if client is not None:
+                    client.close()
+            except Exception as error:
+                logger.debug("closing a backlog client failed: %s", type(error).__name__)
+        self._admin = self._consumer = None
 
     def _measure(self) -> int:
         if self._admin is None:
             self._admin = KafkaAdminClient(**self.settings.client_options())
             self._consumer = KafkaConsumer(**self.settings.client_options())
         settings = self.settings
-        return sum(self._lag(group, topic) for group, topic in (
+        return sum(self._group_lag(group, topic) for group, topic in (
             (settings.entrance_group, settings.requests_topic),
             (settings.preset_group(self.preset), settings.preset_topic(self.preset))))
 
-    def _lag(self, group: str, topic: str) -> int:
+    def _group_lag(self, group: str, topic: str) -> int:
         partitions = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]
         ends = self._consumer.end_offsets(partitions)
         committed = self._admin.list_group_offsets({group: None}).get(group, {})

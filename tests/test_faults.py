@@ -257,6 +257,13 @@ def test_a_preset_nobody_serves_waits_in_its_topic_without_using_attempts(fleet)
         from tests.test_fleet import _topic_messages
 
         assert _topic_messages(fleet.bootstrap, f"{fleet.prefix}.dlq") == []  # nothing failed for it
+        from queueing.fleet import FleetBacklog
+        from queueing.kafka import KafkaSettings
+
+        backlog = FleetBacklog(KafkaSettings(fleet.bootstrap, topic_prefix=fleet.prefix,
+                                             group_id=f"{fleet.prefix}.workers"), None, "turbo")
+        assert backlog._measure() == 2  # both wait for a turbo worker (and the estimate says so)
+        backlog._close_clients()
         fleet.start_worker("turbo", MODEL_PRESET="turbo")
         results = client.wait_all([direct.request_id, entrance.request_id], timeout=120)
     assert all(r["state"] == "done" and r["result"]["worker"] == "turbo" for r in results.values()), results
