@@ -1,7 +1,7 @@
 """Soak benchmark: load held for minutes, memory and connections flat (issue 8, item 12).
 
     .venv/bin/python -m bench.soak --minutes 10 --layout single
-    .venv/bin/python -m bench.soak --minutes 10 --layout fleet
+    .venv/bin/python -m bench.soak --minutes 10 --layout fleet [--threads 1]
 
 `single`: one Space on embedded defaults. `fleet`: two Spaces (UI/API, both consuming) plus a headless
 worker on the real local services (redis-server, the Tansu broker, moto S3). In both, 10 simulated
@@ -124,14 +124,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def start_layout(layout: str, workdir: Path):
-    """Returns (urls of the Spaces, {name: pid}, backend thread factory, things to stop)."""
+def start_layout(layout: str, workdir: Path, threads: int | None = None):
+    """Returns (urls of the Spaces, {name: pid}, backend thread factory, things to stop). threads: torch
+    threads per process (OMP_NUM_THREADS): three processes of two threads each on a 2-core machine
+    oversubscribe it, which a fleet of one machine per clone never does."""
     from tests.conftest import TinyModel, launch_app, app_env, free_port
     from tests.sdxl_builder import build_tiny_sdxl
 
     build_tiny_sdxl(workdir / "tiny")
     tiny = TinyModel(workdir / "tiny" / "sdxl", workdir / "tiny" / "taesd")
     limits = {"MODEL_PRESET": "base", "WARMUP": "0", "TRUSTED_PROXY_HOPS": "1", "QUEUE_MAX_SIZE": "32"}
+    if threads:
+        limits["OMP_NUM_THREADS"] = str(threads)
     if layout == "single":
         app = launch_app(app_env(tiny, free_port(), workdir / "outputs", **limits), workdir, name="space")
         return [app.url], {"space": app.process.pid}, lambda until, tally: backend_api(app.url, until, tally, 6.0), \
@@ -159,9 +163,9 @@ def stop_all(things) -> None:
             thing.stop()
 
 
-def run(layout: str, minutes: float) -> dict:
+def run(layout: str, minutes: float, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        urls, pids, backend, things = start_layout(layout, Path(folder))
+        urls, pids, backend, things = start_layout(layout, Path(folder), threads)
         try:
             time.sleep(3)
             idle = {name: process_figures(pid) for name, pid in pids.items()}
@@ -184,7 +188,7 @@ def run(layout: str, minutes: float) -> dict:
     # The first minute warms up (allocator, thread pools, connections): flat means no growth after it.
     warm = samples[0] if samples else idle
     total = sum(tally.outcomes.values())
-    return {"layout": layout, "minutes": minutes, "cpu": _cpu_name(),
+    return {"layout": layout, "minutes": minutes, "cpu": _cpu_name(), "threads_per_process": threads,
             "requests": total, "success_rate": round(tally.outcomes["ok"] / max(1, total), 4),
             "wait_p50_s": round(percentile(tally.waits, 0.5), 2), "wait_p95_s": round(percentile(tally.waits, 0.95), 2),
             "outcomes": dict(tally.outcomes),
@@ -211,8 +215,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--layout", choices=["single", "fleet"], default="single")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each app process")
+    parser.add_argument("--out", default=None, help="result file name (default soak-<layout>.json)")
     args = parser.parse_args()
-    result = run(args.layout, args.minutes)
+    result = run(args.layout, args.minutes, args.threads)
     print(f"soak {result['layout']} for {result['minutes']} min on {result['cpu']}: {result['requests']} requests, "
           f"success {result['success_rate']:.1%}, wait p50 {result['wait_p50_s']} s, p95 {result['wait_p95_s']} s")
     print(f"outcomes: {result['outcomes']}")
@@ -221,8 +227,9 @@ def main() -> None:
         print(f"  {'':10s} after 1 min {figures['after_1_min']}  end {figures['end']}")
         print(f"  {'':10s} RSS MB by minute {figures['rss_mb_by_minute']}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"soak-{args.layout}.json").write_text(json.dumps(result, indent=2))
-    print(f"written to bench/results/soak-{args.layout}.json")
+    name = args.out or f"soak-{args.layout}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(f"written to bench/results/{name}")
 
 
 if __name__ == "__main__":
