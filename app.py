@@ -868,6 +868,7 @@ def _draining_server(config, services: Services):
 
         def _drain(self, sig, frame) -> None:
             services.stop_consumers()
+            time.sleep(1.0)  # followers polling /status (every 0.25 s in /generate) see the final state
             super().handle_exit(sig, frame)
 
     return DrainingServer(config)

@@ -260,16 +260,20 @@ class KafkaWorkerLoop:
                     return
                 logger.warning("commit of offset %d failed (%s); retrying in %.1f s", offset - 1,
                                type(error).__name__, delay)
-                self._stop.wait(delay) if not self._stop.is_set() else time.sleep(delay)
+                self._keep_polling(consumer, delay)  # a rejoin completes only inside poll(), so never sleep
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
-                self._poll_paused_quietly(consumer)
 
-    def _poll_paused_quietly(self, consumer: KafkaConsumer) -> None:
+    def _keep_polling(self, consumer: KafkaConsumer, seconds: float) -> None:
+        """Poll with every partition paused for `seconds`: group membership (and a rejoin) goes on,
+        no new record is taken."""
+        deadline = time.monotonic() + seconds
         consumer.pause(*consumer.assignment())
-        try:
-            self._poll_paused(consumer)
-        except Exception as error:
-            self.status.failed(error)
+        while time.monotonic() < deadline and not self._abandon.is_set():
+            try:
+                self._poll_paused(consumer)
+            except Exception as error:
+                self.status.failed(error)
+                time.sleep(0.2)
         consumer.resume(*consumer.assignment())
 
     def _handle_then_set(self, message, origin: Origin, done: threading.Event, outcome: dict[str, bool]) -> None:
