@@ -151,10 +151,14 @@ def test_worker_killed_mid_generation_hands_the_request_to_another(fleet) -> Non
             assert result["result"]["worker"] != victim
             assert jobs.get(request.request_id).attempts == 2
     messages = [json.loads(m.value) for m in _topic_messages(fleet.bootstrap, f"{fleet.prefix}.results")]
-    outcomes = Counter((m["request_id"], m["state"]) for m in messages)
-    # exactly one result per request, and it is done: the killed worker published nothing
-    assert len(outcomes) == 5 and all(state == "done" for _, state in outcomes)
-    assert set(outcomes.values()) == {1}, outcomes
+    # Each request has one outcome, done, with one image. The killed worker published nothing; a result
+    # may appear twice when a rebalance hands a finished request to another member (at least once,
+    # as the README promises), but never with another state or another image.
+    by_request: dict[str, set] = {}
+    for message in messages:
+        by_request.setdefault(message["request_id"], set()).add((message["state"], message["result"]["object_key"]))
+    assert len(by_request) == 5 and all(len(outcomes) == 1 for outcomes in by_request.values()), by_request
+    assert all(state == "done" for outcomes in by_request.values() for state, _ in outcomes)
 
 
 def test_broker_restart_between_submit_and_consume_loses_nothing(tiny_model, tmp_path, redis_server,
