@@ -200,53 +200,19 @@ class Fleet:
         return BackendClient(self.bootstrap, self.prefix)
 
 
-class FailingS3:
-    """An S3 endpoint that answers every request with 503 and counts them (the "R2 is down" fault)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        outer = self
-        self.requests = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _fail(self) -> None:
-                outer.requests += 1
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
-                self.send_response(503)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_PUT = do_GET = do_HEAD = do_POST = _fail
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
 class S3Gate:
     """A door in front of the real S3 server: open, it forwards every request unchanged; closed, it
-    answers 503 (the "R2 fails, then recovers" fault)."""
+    answers 503 and counts the refusals (the "R2 is down" fault, and "R2 fails, then recovers").
+    Without a server behind it, it is always closed."""
 
-    def __init__(self, s3: S3Server) -> None:
+    def __init__(self, s3: S3Server | None = None) -> None:
         import http.client
         import http.server
         import threading
 
         outer = self
-        self.open, self.refused = True, 0
-        target_port = s3.port
+        self.open, self.refused = s3 is not None, 0
+        target_port = s3.port if s3 is not None else 0
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -286,3 +252,4 @@ class S3Gate:
 
     def stop(self) -> None:
         self.server.shutdown()
+

@@ -13,7 +13,7 @@ from gradio_client import Client
 
 from storage.resilient import RedisGuard
 from tests.conftest import get_json, start_app, stop_app, wait_for_status
-from tests.services import S3_KEY, S3_SECRET, FailingS3, Fleet, RedisServer, TansuBroker
+from tests.services import S3_KEY, S3_SECRET, Fleet, RedisServer, S3Gate, TansuBroker
 
 pytestmark = pytest.mark.timeout(600)
 SMALL = {"negative_prompt": "", "preset": "base", "width": 256, "height": 256, "steps": 2, "guidance_scale": 5.0}
@@ -106,13 +106,13 @@ def test_hanging_redis_costs_seconds_not_a_timeout_per_call(tiny_model, tmp_path
 
 
 def test_failing_object_store_retries_then_serves_the_image_itself(tiny_model, tmp_path) -> None:
-    s3 = FailingS3()
+    s3 = S3Gate()  # nothing behind it: every request is answered 503
     app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", S3_ENDPOINT_URL=s3.endpoint, R2_BUCKET="images",
                     R2_ACCESS_KEY_ID="id", R2_SECRET_ACCESS_KEY="secret")
     try:
         client = Client(app.url, verbose=False)
         image_path, meta = _generate(client, "an image R2 cannot take")
-        attempts = s3.requests
+        attempts = s3.refused
         assert attempts >= 3  # botocore's standard retries, with backoff
         assert meta["persisted"] is False and meta["url"].startswith(f"{app.url}/outputs/images/")
         with urllib.request.urlopen(meta["url"], timeout=10) as response:
@@ -121,7 +121,7 @@ def test_failing_object_store_retries_then_serves_the_image_itself(tiny_model, t
         assert health["status"] == "degraded" and "not persisted" in health["degraded"]["R2/S3"]["meaning"]
         _, again = _generate(client, "an image R2 cannot take")
         assert again["cached"] is False  # a local-only image is never offered to the fleet as a hit
-        assert again["persisted"] is False and s3.requests == attempts  # uploads paused: no new waits
+        assert again["persisted"] is False and s3.refused == attempts  # uploads paused: no new waits
     finally:
         stop_app(app)
         s3.stop()
