@@ -41,7 +41,7 @@ def test_sliding_window_counts_per_user() -> None:
 
 def test_rate_limit_is_per_user_and_shared_by_the_fleet(tiny_model, tmp_path, redis_server) -> None:
     shared = {"REDIS_URL": redis_server.url, "REDIS_NAMESPACE": "limits", "RATE_LIMIT_PER_HOUR": "4",
-              "MODEL_PRESET": "base", **PROXIED}
+              "MODEL_PRESET": "base", "MAX_JOBS_PER_USER": "10", **PROXIED}
     app_a = start_app(tiny_model, tmp_path / "a", **shared)
     app_b = start_app(tiny_model, tmp_path / "b", **shared)
     try:
