@@ -41,7 +41,7 @@ from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
 from storage.jobs import Job, MemoryJobStore
 from storage.limits import MemoryInflightLimit, MemoryRateLimiter
-from storage.objects import LocallyCachedStore, LocalObjectStore
+from storage.objects import FailoverObjectStore, LocallyCachedStore, LocalObjectStore
 
 logger = logging.getLogger("app")
 
@@ -118,6 +118,16 @@ class FleetSettings:
     shutdown_grace_seconds: float = 20.0
     local_fleet: bool = False  # operator accepts images that only the clone which made them can serve
     claim_ttl_seconds: int = 30  # a dead worker's hold on a request expires after this
+    fallback_endpoint_url: str | None = None  # a second S3-compatible store that takes writes when R2 fails
+    fallback_bucket: str | None = None
+    fallback_access_key_id: str | None = field(default=None, repr=False)
+    fallback_secret_access_key: str | None = field(default=None, repr=False)
+    fallback_public_base_url: str | None = None
+    fallback_region: str = "auto"
+    sqs_queue_url: str | None = None  # SQS instead of Kafka as the fleet's queue
+    sqs_region: str = "us-east-1"
+    sqs_endpoint_url: str | None = None  # e.g. a local SQS-compatible server; None: AWS's own
+    sqs_visibility_timeout: int = 60  # a message a dead worker held reappears after this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
@@ -153,31 +163,111 @@ class FleetSettings:
             shutdown_grace_seconds=read.float("SHUTDOWN_GRACE_SECONDS", 20.0),
             local_fleet=read.flag("ALLOW_LOCAL_IMAGES_IN_FLEET", False),
             claim_ttl_seconds=read.int("CLAIM_TTL_SECONDS", 30, minimum=2),
+            fallback_endpoint_url=read.str("S3_FALLBACK_ENDPOINT_URL"),
+            fallback_bucket=read.str("S3_FALLBACK_BUCKET"),
+            fallback_access_key_id=read.str("S3_FALLBACK_ACCESS_KEY_ID"),
+            fallback_secret_access_key=read.str("S3_FALLBACK_SECRET_ACCESS_KEY"),
+            fallback_public_base_url=read.str("S3_FALLBACK_PUBLIC_BASE_URL"),
+            fallback_region=read.str("S3_FALLBACK_REGION", "auto"),
+            sqs_queue_url=read.str("SQS_QUEUE_URL"),
+            sqs_region=read.str("SQS_REGION") or read.str("AWS_DEFAULT_REGION", "us-east-1"),
+            sqs_endpoint_url=read.str("SQS_ENDPOINT_URL"),
+            sqs_visibility_timeout=read.int("SQS_VISIBILITY_TIMEOUT", 60, minimum=2),
         )
 
     @property
     def uses_s3(self) -> bool:
         return bool(self.r2_bucket and self.s3_endpoint_url)
 
+    @property
+    def uses_fallback_s3(self) -> bool:
+        return bool(self.uses_s3 and self.fallback_bucket and self.fallback_endpoint_url)
+
+    @property
+    def shared_queue(self) -> str | None:
+        """kafka or sqs: the fleet's queue; None: this process's own."""
+        if self.kafka_bootstrap_servers:
+            return "kafka"
+        return "sqs" if self.sqs_queue_url else None
+
     def secrets(self) -> list[str]:
         """Values that must never be shown (tests scan every output for them)."""
         return [v for v in (self.kafka_sasl_password, self.r2_secret_access_key, self.r2_access_key_id,
-                            _url_password(self.redis_url)) if v]
+                            _url_password(self.redis_url), self.fallback_secret_access_key,
+                            self.fallback_access_key_id) if v]
 
     def problems(self) -> list[str]:
         """Configuration mistakes worth stopping for, in words an operator can act on."""
         problems = []
-        if self.kafka_bootstrap_servers and not self.redis_url:
-            problems.append("KAFKA_BOOTSTRAP_SERVERS is set but REDIS_URL is not: the fleet keeps job state in "
+        queue = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "sqs": "SQS_QUEUE_URL"}.get(self.shared_queue or "")
+        if self.kafka_bootstrap_servers and self.sqs_queue_url:
+            problems.append("both KAFKA_BOOTSTRAP_SERVERS and SQS_QUEUE_URL are set: the fleet has one queue")
+        if queue and not self.redis_url:
+            problems.append(f"{queue} is set but REDIS_URL is not: the fleet keeps job state in "
                             "Redis so that any Space can answer for any job; set REDIS_URL too")
         if self.r2_bucket and not self.s3_endpoint_url:
             problems.append("R2_BUCKET is set but neither R2_ACCOUNT_ID nor S3_ENDPOINT_URL is")
         if self.r2_bucket and not (self.r2_access_key_id and self.r2_secret_access_key):
             problems.append("R2_BUCKET is set but R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY are missing")
-        if self.kafka_bootstrap_servers and not self.uses_s3 and not self.local_fleet:
-            problems.append("KAFKA_BOOTSTRAP_SERVERS is set but R2_BUCKET is not: an image made by one clone "
+        if self.fallback_bucket and not (self.fallback_endpoint_url and self.fallback_access_key_id
+                                         and self.fallback_secret_access_key and self.uses_s3):
+            problems.append("S3_FALLBACK_BUCKET needs S3_FALLBACK_ENDPOINT_URL, S3_FALLBACK_ACCESS_KEY_ID, "
+                            "S3_FALLBACK_SECRET_ACCESS_KEY and a primary store (R2_BUCKET) to fall back from")
+        if queue and not self.uses_s3 and not self.local_fleet:
+            problems.append(f"{queue} is set but R2_BUCKET is not: an image made by one clone "
                             "could not be served by the others; set the R2/S3 variables (or "
                             "ALLOW_LOCAL_IMAGES_IN_FLEET=1 for a fleet of clones on one machine)")
+        return problems
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """The GPU prediction service that takes peaks (queueing/remote.py, queueing/routing.py): a
+    self-hosted Cog server (REMOTE_PREDICTIONS_URL) or hosted Replicate (REPLICATE_API_TOKEN +
+    REPLICATE_MODEL). Unset: every request goes to the fleet (or this Space's worker)."""
+
+    predictions_url: str | None = None
+    replicate_api_token: str | None = field(default=None, repr=False)
+    replicate_model: str | None = None
+    overflow_after_seconds: float | None = None  # estimated wait above which new requests go remote
+    share: float = 0.0  # fixed share of traffic sent remote (gradual migration; 0 rolls back)
+    max_per_hour: int = 100  # fleet-wide budget of remote requests (0: no limit)
+    timeout_seconds: float = 120.0  # a prediction slower than this goes to the fleet
+    concurrency: int = 4  # predictions this Space keeps in flight at once
+    cost_per_image: float = 0.0023  # dollars, for /metrics' estimated cost (Replicate's SDXL-class price)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RemoteSettings:
+        read = EnvReader(env)
+        overflow = read.str("OVERFLOW_AFTER_SECONDS")
+        share = read.float("REMOTE_SHARE", 0.0)
+        if share > 1:
+            raise ValueError(f"Config 'REMOTE_SHARE' has value {share!r}. It is a share of traffic in 0..1.")
+        return cls(
+            predictions_url=read.str("REMOTE_PREDICTIONS_URL"),
+            replicate_api_token=read.str("REPLICATE_API_TOKEN"),
+            replicate_model=read.str("REPLICATE_MODEL"),
+            overflow_after_seconds=None if overflow is None else read.float("OVERFLOW_AFTER_SECONDS", 0.0),
+            share=share,
+            max_per_hour=read.int("REMOTE_MAX_PER_HOUR", 100),
+            timeout_seconds=read.float("REMOTE_TIMEOUT_SECONDS", 120.0, minimum=1.0),
+            concurrency=read.int("REMOTE_CONCURRENCY", 4, minimum=1),
+            cost_per_image=read.float("REMOTE_COST_PER_IMAGE", 0.0023),
+        )
+
+    @property
+    def service(self) -> str | None:
+        if self.predictions_url:
+            return "cog"
+        return "replicate" if self.replicate_api_token else None
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.predictions_url and self.replicate_api_token:
+            problems.append("both REMOTE_PREDICTIONS_URL and REPLICATE_API_TOKEN are set: choose one GPU service")
+        if self.replicate_api_token and not self.replicate_model:
+            problems.append("REPLICATE_API_TOKEN is set but REPLICATE_MODEL is not (owner/name, "
+                            "owner/name:version or deployments/owner/name)")
         return problems
 
 
@@ -212,6 +302,7 @@ class Settings:
     sign_in: bool = False  # "Sign in with Hugging Face": on a Space whose card says hf_oauth: true
     output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -244,6 +335,7 @@ class Settings:
             # is a mock that needs a token and the Hub, so the button is shown only on such a Space.
             sign_in=on_space and bool(read.str("OAUTH_CLIENT_ID")),
             fleet=FleetSettings.from_env(env),
+            remote=RemoteSettings.from_env(env),
         )
 
     @property
@@ -271,6 +363,7 @@ class Services:
     consumer: Any = None  # queueing.consumer.KafkaWorkerLoop when Kafka is configured and this process consumes
     entrance: Any = None  # the loop forwarding <prefix>.requests to the preset topics
     heartbeat: Any = None
+    remote: Any = None  # queueing.remote.RemoteBackend: the GPU service for peaks, when configured
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
@@ -298,6 +391,8 @@ class Services:
         self.stop_consumers()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.remote is not None:
+            self.remote.stop()
         self.queue.stop()
 
     def describe_worker(self) -> dict[str, Any]:
@@ -339,7 +434,7 @@ class Services:
                 "load_seconds": pipeline.load_seconds,
             },
             "queue": {
-                "kind": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "local",
+                "kind": self.settings.fleet.shared_queue or "local",
                 "depth": _safe(self.queue.depth, None),
                 "max_size": self.queue.max_size,
                 "running": bool(self.consumer.busy) if self.consumer else self.queue.running_id is not None,
@@ -347,11 +442,16 @@ class Services:
             "consumer": self.consumer.status.as_dict() if self.consumer else None,
             "entrance": self.entrance.status.as_dict() if self.entrance else None,
             "backends": {
-                "queue": "kafka" if self.settings.fleet.kafka_bootstrap_servers else "in-process",
+                "queue": self.settings.fleet.shared_queue or "in-process",
                 "cache": "redis" if self.settings.fleet.redis_url and self.settings.fleet.uses_s3 else "in-memory",
                 "jobs": "redis" if self.settings.fleet.redis_url else "in-memory",
-                "objects": "s3" if self.settings.fleet.uses_s3 else "local folder",
+                "objects": ("s3 with fallback" if self.settings.fleet.uses_fallback_s3 else "s3")
+                if self.settings.fleet.uses_s3 else "local folder",
+                "remote": self.settings.remote.service,
             },
+            "remote": None if self.remote is None else {
+                "service": self.settings.remote.service, "available": _safe(self.remote.available, False),
+                "in_flight": self.remote.in_flight()},
             "degraded": degraded,
             "unreachable": self.unreachable,
             "worker": self.settings.fleet.worker_name,
@@ -387,21 +487,29 @@ class Stores:
     claims: Any  # ResilientClaims or None
     rate: Any
     inflight: Any
+    remote_budget: Any = None  # REMOTE_MAX_PER_HOUR, fleet-wide when Redis is there
 
 
-def build_services(settings: Settings, worker_only: bool = False) -> Services:
+def build_pipeline(settings: Settings):
+    """The model these settings name, not loaded yet: (ImagePipeline, Preset, ModelIdentity). Shared by
+    the app and the Cog predictor (deploy/cog/predict.py), so both make the same image."""
     from inference.pipeline import ImagePipeline, LoadOptions, pick_device  # torch: only when building
 
-    fleet = settings.fleet
-    problems = fleet.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
     preset_name = settings.preset
     if preset_name == "auto":
         preset_name = DEFAULT_GPU_PRESET if pick_device(settings.device) == "cuda" else DEFAULT_CPU_PRESET
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
+    return pipeline, preset, identity
+
+
+def build_services(settings: Settings, worker_only: bool = False) -> Services:
+    fleet = settings.fleet
+    problems = fleet.problems() + settings.remote.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    pipeline, preset, identity = build_pipeline(settings)
     metrics = Metrics()
     health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
     objects = _object_store(settings, health)
@@ -412,14 +520,49 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     admission = Admission(stores.rate, stores.inflight, settings.rate_limit_per_hour, settings.max_jobs_per_user,
                           finished=lambda rid: (job := stores.jobs.get(rid)) is None or job.finished,
                           metrics=metrics)
-    endpoints = _endpoints(fleet)
+    endpoints = _endpoints(settings)
     local = LocalQueue(worker.handle, settings.queue_max_size)
-    if not fleet.kafka_bootstrap_servers:
+    if not fleet.shared_queue:
         gateway = Gateway(identity, stores.cache, stores.jobs, objects, local, inflight=worker, metrics=metrics)
-        return Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, local, gateway,
-                        health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
-    return _fleet_services(settings, pipeline, identity, objects, stores, worker, endpoints, health, metrics,
-                           admission, local, consume=fleet.kafka_consume or worker_only)
+        services = Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, local, gateway,
+                            health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
+    else:
+        build = _fleet_services if fleet.shared_queue == "kafka" else _sqs_services
+        services = build(settings, pipeline, identity, objects, stores, worker, endpoints, health, metrics,
+                         admission, local, consume=fleet.kafka_consume or worker_only)
+    if settings.remote.service and not worker_only:
+        _add_remote(settings, services, stores)
+    return services
+
+
+def _add_remote(settings: Settings, services: Services, stores: Stores) -> None:
+    """The GPU service for peaks, and the router that decides per request (see queueing/routing.py)."""
+    from queueing.remote import RemoteBackend
+    from queueing.routing import Router
+
+    config = settings.remote
+    local = services.gateway.inflight is not None
+    services.remote = RemoteBackend(
+        _prediction_service(config), services.identity, stores.cache, stores.jobs, services.objects,
+        fallback=services.queue, health=services.health_state, metrics=services.metrics,
+        group=services.worker if local else None, concurrency=config.concurrency,
+        cost_per_image=config.cost_per_image, fallback_name="local" if local else "fleet")
+    services.gateway.router = Router(
+        estimate=services.queue.wait_estimate, available=services.remote.available, budget=stores.remote_budget,
+        overflow_after_seconds=config.overflow_after_seconds, remote_share=config.share,
+        max_per_hour=config.max_per_hour, queue_backend="local" if local else "fleet", metrics=services.metrics)
+    services.gateway.remote = services.remote
+
+
+def _prediction_service(config: RemoteSettings):
+    from queueing.remote import CogPredictions, ReplicatePredictions
+
+    if config.service == "cog":
+        return CogPredictions(config.predictions_url, config.timeout_seconds)
+    import replicate
+
+    client = replicate.Client(api_token=config.replicate_api_token)
+    return ReplicatePredictions(client, config.replicate_model, config.timeout_seconds)
 
 
 def _fleet_services(settings, pipeline, identity, objects, stores: Stores, worker, endpoints, health, metrics,
@@ -467,7 +610,14 @@ def _object_store(settings: Settings, health: BackendHealth):
 
     client = make_s3_client(fleet.s3_endpoint_url, fleet.r2_access_key_id, fleet.r2_secret_access_key)
     remote = S3ObjectStore(client, fleet.r2_bucket, fleet.r2_public_base_url, fleet.presign_seconds)
-    return LocallyCachedStore(remote, local, health, upload_in_background=bool(fleet.kafka_bootstrap_servers))
+    name = "R2/S3"
+    if fleet.uses_fallback_s3:
+        fallback_client = make_s3_client(fleet.fallback_endpoint_url, fleet.fallback_access_key_id,
+                                         fleet.fallback_secret_access_key, fleet.fallback_region)
+        fallback = S3ObjectStore(fallback_client, fleet.fallback_bucket, fleet.fallback_public_base_url,
+                                 fleet.presign_seconds)
+        remote, name = FailoverObjectStore(remote, fallback, health), "object stores (R2 and its fallback)"
+    return LocallyCachedStore(remote, local, health, upload_in_background=bool(fleet.shared_queue), name=name)
 
 
 def _stores(settings: Settings, health: BackendHealth) -> Stores:
@@ -476,8 +626,9 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
     memory_cache = MemoryResultCache(settings.cache_max_entries, settings.cache_ttl_seconds)
     memory_rate = MemoryRateLimiter(settings.rate_limit_per_hour)
     memory_inflight = MemoryInflightLimit(settings.max_jobs_per_user, hold)
+    memory_budget = MemoryRateLimiter(settings.remote.max_per_hour)
     if not fleet.redis_url:
-        return Stores(memory_cache, MemoryJobStore(), None, None, memory_rate, memory_inflight)
+        return Stores(memory_cache, MemoryJobStore(), None, None, memory_rate, memory_inflight, memory_budget)
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -503,17 +654,25 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
         rate=ResilientLimit(RedisRateLimiter(client, namespace, settings.rate_limit_per_hour), memory_rate, guard),
         inflight=ResilientLimit(RedisInflightLimit(client, namespace, settings.max_jobs_per_user, hold),
                                 memory_inflight, guard),
+        remote_budget=ResilientLimit(RedisRateLimiter(client, f"{namespace}:remote", settings.remote.max_per_hour),
+                                     memory_budget, guard),
     )
 
 
-def _endpoints(fleet: FleetSettings) -> list:
-    endpoints = []
+def _endpoints(settings: Settings) -> list:
+    fleet, endpoints = settings.fleet, []
     if fleet.kafka_bootstrap_servers:
         endpoints += kafka_endpoints(fleet.kafka_bootstrap_servers)
     if fleet.redis_url:
         endpoints.append(url_endpoint("Redis", fleet.redis_url, 6379))
     if fleet.uses_s3:
         endpoints.append(url_endpoint("R2/S3", fleet.s3_endpoint_url, 80))
+    if fleet.uses_fallback_s3:
+        endpoints.append(url_endpoint("S3 fallback", fleet.fallback_endpoint_url, 80))
+    if fleet.sqs_queue_url:
+        endpoints.append(url_endpoint("SQS", fleet.sqs_endpoint_url or fleet.sqs_queue_url, 443))
+    if settings.remote.predictions_url:
+        endpoints.append(url_endpoint("GPU service", settings.remote.predictions_url, 80))
     return endpoints
 
 

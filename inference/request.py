@@ -186,6 +186,8 @@ class GenerationResult:
     preset: str
     model: str
     worker: str = ""
+    backend: str = ""  # who made the image: local (a Space's own worker), fleet (a queue worker), remote (GPU service)
+    storage: str = ""  # where the object lives: primary (R2) or fallback (S3_FALLBACK_*); empty for a local folder
     cached: bool = False
     persisted: bool = True  # False: the object store failed; this Space serves the image meanwhile
     timings: dict[str, float] = field(default_factory=dict)

@@ -82,9 +82,14 @@ class Gateway:
     the second is a cache hit wherever it runs."""
 
     def __init__(self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, objects: ObjectStore,
-                 queue: RequestQueue, inflight: Worker | None = None, metrics: Any = None) -> None:
+                 queue: RequestQueue, inflight: Worker | None = None, metrics: Any = None,
+                 router: Any = None, remote: Any = None) -> None:
         self.identity, self.cache, self.jobs, self.objects = identity, cache, jobs, objects
         self.queue, self.inflight, self.metrics = queue, inflight, metrics
+        # router (queueing.routing.Router) and remote (queueing.remote.RemoteBackend): a GPU service for
+        # peaks, when one is configured. Without them every request goes to the queue.
+        self.router, self.remote = router, remote
+        self.queue_backend = "local" if inflight is not None else "fleet"
 
     def submit(self, request: GenerationRequest, owner: str = "", private: bool = False) -> Job:
         """Returns the request's job: done at once on a cache hit, else queued (or joined to an
@@ -105,7 +110,7 @@ class Gateway:
                 self.metrics.cache_hits.inc()
                 self.metrics.requests.labels("cache_hit").inc()
             result = {**cached, "request_id": request.request_id, "cached": True,
-                      "url": self.objects.url_for(cached["object_key"])}  # fresh if presigned
+                      "url": self.objects.url_for(cached["object_key"], cached.get("storage", ""))}  # fresh if presigned
             return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time(), **who)
         job = self._store_job(request, fp, state=QUEUED, **who)
         if self.inflight is None or self.inflight.join_or_lead(fp, request.request_id):
@@ -129,6 +134,12 @@ class Gateway:
         return stored
 
     def _enqueue(self, request: GenerationRequest, fp: str) -> None:
+        decision = self.router.decide(request) if self.router is not None else None
+        backend = decision.backend if decision else self.queue_backend
+        self.jobs.update(request.request_id, backend=backend, route=decision.reason if decision else "")
+        if backend == "remote":
+            self.remote.put(request)
+            return
         try:
             self.queue.put(request)
         except (QueueFull, QueueUnavailable) as error:
@@ -155,11 +166,13 @@ class Gateway:
             "total_steps": job.total_steps,
             "queue_position": self.queue_position(job),
             "worker": job.worker or None,
+            "backend": job.backend or None,
+            "route": job.route or None,
             "attempts": job.attempts,
             "result": job.result,
             "error": job.error,
         }
-        if not job.finished:
+        if not job.finished and job.backend != "remote":
             status.update(self.queue.wait_estimate())
         return status
 

@@ -27,6 +27,12 @@ class Metrics:
         self.rejected = Counter("imagegen_rejected_total", "Requests refused at the door", ["reason"], registry=r)
         self.degraded = Gauge("imagegen_backend_degraded", "1 while a backend is unreachable", ["backend"],
                               registry=r)
+        self.routed = Counter("imagegen_routed_total", "Routing decisions: where new requests went, and why",
+                              ["backend", "reason"], registry=r)
+        self.estimated_cost = Counter("imagegen_estimated_cost_dollars_total",
+                                      "Estimated cost of the images made, by backend", ["backend"], registry=r)
+        self.decision_seconds = Histogram("imagegen_routing_decision_seconds", "Time to decide where a request goes",
+                                          buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1), registry=r)
         self.model_load_seconds = Gauge("imagegen_model_load_seconds", "Time to load and warm up the model",
                                         registry=r)
 

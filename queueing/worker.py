@@ -51,11 +51,13 @@ class Worker:
         name: str = "local",
         claims: Any = None,
         metrics: Any = None,
+        backend: str = "local",
     ) -> None:
         self.generator, self.identity, self.sampler_label = generator, identity, sampler_label
         self.cache, self.jobs, self.objects, self.name = cache, jobs, objects, name
         self.claims = claims  # RedisClaims in the fleet: identical requests on two workers run once
         self.metrics = metrics  # queueing.metrics.Metrics, or None
+        self.backend = backend  # "local" for a Space's own queue, "fleet" for a shared-queue worker
         self.generations = 0  # pipeline calls made, for tests and metrics
         self.mean_seconds = 10.0  # moving average of generation time, for fleet wait estimates
         self._groups: dict[str, list[str]] = {}
@@ -82,6 +84,10 @@ class Worker:
         with self._lock:
             members = self._groups.get(fingerprint_)
             return members[0] if members else None
+
+    def finish_group(self, fingerprint_: str, state: str, result: dict | None = None, error: str | None = None) -> None:
+        """End every request grouped under fingerprint_ (the remote backend made or failed the image)."""
+        self._finish_group(fingerprint_, state, result=result, error=error)
 
     def abandon(self, fingerprint_: str, reason: str) -> None:
         """The leader could not be enqueued: fail the whole group with reason."""
@@ -142,7 +148,7 @@ class Worker:
         self._count("cache_hits" if cached is not None else "cache_misses")
         if cached is not None:
             # Re-sign: a presigned URL stored with the entry may have expired since.
-            url = self.objects.url_for(cached["object_key"])
+            url = self.objects.url_for(cached["object_key"], cached.get("storage", ""))
             self._finish_group(fp, DONE, result={**cached, "url": url, "cached": True})
             return
         try:
@@ -237,7 +243,7 @@ class Worker:
             request_id=request.request_id, fingerprint=fp, seed=request.seed, url=stored_object.url, object_key=key,
             content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
             steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.name,
-            persisted=stored_object.persisted,
+            backend=self.backend, storage=stored_object.storage, persisted=stored_object.persisted,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
 

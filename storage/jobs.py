@@ -29,6 +29,8 @@ class Job:
     attempts: int = 0  # generations that started (a redelivery that only waited for another worker is none)
     owner: str = ""  # identity key of who submitted it (queueing.admission.Caller.key), "kafka" for the topic
     private: bool = False  # only the owner may see or cancel it (signed-in users, chosen ids, the topic)
+    backend: str = ""  # who runs it: local (this process), fleet (the shared queue) or remote (a GPU service)
+    route: str = ""  # why it went there (the routing decision, in words)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 class StoredObject(NamedTuple):
     url: str
     persisted: bool = True  # False: kept on this machine only (the remote store failed)
+    storage: str = ""  # which shared store holds it: primary or fallback (FailoverObjectStore)
 
 
 class ObjectStore(Protocol):
@@ -28,7 +29,9 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
-    def url_for(self, key: str) -> str: ...
+    def url_for(self, key: str, storage: str = "") -> str:
+        """The object's URL; storage is where the result says it lives (primary or fallback)."""
+        ...
 
     def local_path(self, key: str) -> Path | None:
         """A file on this machine holding the object, if there is one (saves a download)."""
@@ -87,7 +90,7 @@ class LocalObjectStore:
                     path.unlink(missing_ok=True)
                     total -= size
 
-    def url_for(self, key: str) -> str:
+    def url_for(self, key: str, storage: str = "") -> str:
         return f"{self.base_url}/{key}"
 
     def local_path(self, key: str) -> Path | None:
@@ -106,8 +109,8 @@ class LocallyCachedStore:
     PAUSE_SECONDS = 30.0  # after uploads failed, later images skip them this long (no 20 s retry waits)
 
     def __init__(self, remote: ObjectStore, local: LocalObjectStore, health: BackendHealth | None = None,
-                 upload_in_background: bool = False) -> None:
-        self.remote, self.local = remote, local
+                 upload_in_background: bool = False, name: str = NAME) -> None:
+        self.remote, self.local, self.NAME = remote, local, name
         self.health = health or BackendHealth()
         # In a fleet an image only this machine holds cannot reach a user of another clone: the upload
         # must succeed. It is retried (the attempt fails retriably, the local copy spares a re-render).
@@ -153,8 +156,8 @@ class LocallyCachedStore:
         self.local.put(key, data, "")
         return data
 
-    def url_for(self, key: str) -> str:
-        return self.remote.url_for(key)
+    def url_for(self, key: str, storage: str = "") -> str:
+        return self.remote.url_for(key, storage)
 
     def local_path(self, key: str) -> Path | None:
         path = self.local.local_path(key)
@@ -162,3 +165,46 @@ class LocallyCachedStore:
             self.get(key)
             path = self.local.local_path(key)
         return path
+
+
+class FailoverObjectStore:
+    """Two S3-compatible stores: R2 (primary) takes every write while it can; when a write to it fails
+    (after its own retries), the fallback store takes it. Reads look in both. The StoredObject says
+    where the object went, and results carry it (`storage`), so a URL is always signed by the store
+    that holds the object."""
+
+    PRIMARY, FALLBACK = "primary", "fallback"
+
+    def __init__(self, primary: ObjectStore, fallback: ObjectStore, health: BackendHealth | None = None) -> None:
+        self.primary, self.fallback = primary, fallback
+        self.health = health or BackendHealth()
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        try:
+            stored = self.primary.put(key, data, content_type)
+        except Exception as error:  # any botocore error: the fallback takes the write
+            self.health.down("R2/S3", error)
+            logger.warning("R2 did not take %s (%s); writing it to the fallback store", key, type(error).__name__)
+        else:
+            self.health.up("R2/S3")
+            return stored._replace(storage=self.PRIMARY)
+        try:
+            stored = self.fallback.put(key, data, content_type)
+        except Exception as error:
+            self.health.down("S3 fallback", error)
+            raise
+        self.health.up("S3 fallback")
+        return stored._replace(storage=self.FALLBACK)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.primary.get(key)
+        except Exception as error:  # missing there, or R2 away: the fallback may hold it
+            logger.info("%s not readable from R2 (%s); reading the fallback store", key, type(error).__name__)
+            return self.fallback.get(key)
+
+    def url_for(self, key: str, storage: str = "") -> str:
+        return (self.fallback if storage == self.FALLBACK else self.primary).url_for(key)
+
+    def local_path(self, key: str) -> Path | None:
+        return None

@@ -43,7 +43,7 @@ class S3ObjectStore:
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
-    def url_for(self, key: str) -> str:
+    def url_for(self, key: str, storage: str = "") -> str:
         """A public URL when the bucket has one, else a presigned GET (signed locally, no request)."""
         if self.public_base_url:
             return f"{self.public_base_url}/{key}"

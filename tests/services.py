@@ -253,3 +253,55 @@ class S3Gate:
     def stop(self) -> None:
         self.server.shutdown()
 
+
+
+class CogServer:
+    """The Cog model (deploy/cog) under Cog's own HTTP server, as `cog build` images run it, on the
+    tiny SDXL. Its worker subprocess is started as `python`, so this interpreter's folder leads PATH."""
+
+    def __init__(self, tiny_model: TinyModel, workdir: Path, **extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"cog-{self.port}.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "KAFKA_", "REDIS_", "R2_", "S3_"))}
+        env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PORT=str(self.port),
+                   COG_PREDICT_TYPE_STUB="deploy/cog/predict.py:Predictor", MODEL_ID=str(tiny_model.sdxl),
+                   TINY_VAE_ID=str(tiny_model.taesd), MODEL_PRESET="base", WARMUP="0", HF_HUB_OFFLINE="1",
+                   PYTHONUNBUFFERED="1", **extra)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Cog server exited:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health-check", timeout=2).json().get("status") == "READY":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"the Cog server is not ready:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker (one process group would be Docker's; here: both pids)."""
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        for pid in [self.process.pid, *map(int, children.split())]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
