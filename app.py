@@ -515,8 +515,8 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     objects = _object_store(settings, health)
     stores = _stores(settings, health)
     worker = Worker(pipeline, identity, preset.sampler_label, stores.cache, stores.jobs, objects,
-                    name=fleet.worker_name, claims=stores.claims if fleet.kafka_bootstrap_servers else None,
-                    metrics=metrics)
+                    name=fleet.worker_name, claims=stores.claims if fleet.shared_queue else None,
+                    metrics=metrics, backend="fleet" if fleet.shared_queue else "local")
     admission = Admission(stores.rate, stores.inflight, settings.rate_limit_per_hour, settings.max_jobs_per_user,
                           finished=lambda rid: (job := stores.jobs.get(rid)) is None or job.finished,
                           metrics=metrics)
