@@ -406,7 +406,8 @@ class Services:
 
     def degraded(self) -> dict[str, dict]:
         degraded = self.health_state.degraded()
-        for name, loop in (("Kafka consumer", self.consumer), ("Kafka entrance", self.entrance)):
+        queue = "SQS" if self.settings.fleet.shared_queue == "sqs" else "Kafka"
+        for name, loop in ((f"{queue} consumer", self.consumer), ("Kafka entrance", self.entrance)):
             if loop is not None and self.pipeline.state == "ready" and not loop.status.healthy:
                 degraded[name] = {"reason": loop.status.last_error or loop.status.state,
                                   "since": loop.status.last_poll_at,
@@ -586,6 +587,28 @@ def _fleet_services(settings, pipeline, identity, objects, stores: Stores, worke
                                             entrance=True)
         services.heartbeat = Heartbeat(stores.fleet, settings.fleet.worker_name, services.describe_worker,
                                        settings.fleet.heartbeat_seconds)
+    return services
+
+
+def _sqs_services(settings, pipeline, identity, objects, stores: Stores, worker, endpoints, health, metrics,
+                  admission, local, consume: bool) -> Services:
+    """SQS as the fleet's queue (SQS_QUEUE_URL); credentials from boto3's usual AWS_* variables."""
+    from queueing.fleet import Heartbeat
+    from queueing.sqs import SqsRequestQueue, SqsWorkerLoop, make_sqs_client
+
+    fleet = settings.fleet
+    client = make_sqs_client(fleet.sqs_region, fleet.sqs_endpoint_url)
+    queue = FallbackQueue(SqsRequestQueue(client, fleet.sqs_queue_url, stores.fleet, identity.preset),
+                          local if fleet.kafka_fallback_local else None, health)
+    gateway = Gateway(identity, stores.cache, stores.jobs, objects, queue, inflight=None, metrics=metrics)
+    services = Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, queue, gateway,
+                        health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
+    if consume:
+        services.consumer = SqsWorkerLoop(client, fleet.sqs_queue_url, worker, stores.jobs, fleet.max_attempts,
+                                          fleet.sqs_visibility_timeout, fleet.shutdown_grace_seconds,
+                                          wait_ready=pipeline.wait_ready)
+        services.heartbeat = Heartbeat(stores.fleet, fleet.worker_name, services.describe_worker,
+                                       fleet.heartbeat_seconds)
     return services
 
 
@@ -1068,8 +1091,9 @@ def run_worker(services: Services) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     services.start()
-    logger.info("worker %s consuming %s.requests", services.settings.fleet.worker_name,
-                services.settings.fleet.kafka_topic_prefix)
+    fleet = services.settings.fleet
+    logger.info("worker %s consuming %s", fleet.worker_name,
+                fleet.sqs_queue_url if fleet.shared_queue == "sqs" else f"{fleet.kafka_topic_prefix}.requests")
     exit_code = 0
     while not stop.wait(0.5):
         if services.pipeline.state == "failed":
@@ -1092,8 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     configure_logging(settings.log_level)
-    if args.worker and not settings.fleet.kafka_bootstrap_servers:
-        logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS (and REDIS_URL): it serves the fleet's topic")
+    if args.worker and not settings.fleet.shared_queue:
+        logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS or SQS_QUEUE_URL (and REDIS_URL): "
+                     "it serves the fleet's queue")
         return 2
     try:
         services = build_services(settings, worker_only=args.worker)
