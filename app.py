@@ -599,7 +599,7 @@ def _sqs_services(settings, pipeline, identity, objects, stores: Stores, worker,
     fleet = settings.fleet
     client = make_sqs_client(fleet.sqs_region, fleet.sqs_endpoint_url)
     queue = FallbackQueue(SqsRequestQueue(client, fleet.sqs_queue_url, stores.fleet, identity.preset),
-                          local if fleet.kafka_fallback_local else None, health)
+                          local if fleet.kafka_fallback_local else None, health, name="SQS")
     gateway = Gateway(identity, stores.cache, stores.jobs, objects, queue, inflight=None, metrics=metrics)
     services = Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, queue, gateway,
                         health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)

@@ -36,8 +36,9 @@ class FallbackQueue:
     """The shared queue, or, while it is unreachable and the operator allowed it, this process's own
     queue. Without a fallback the caller gets a clear "try again" error: nothing is dropped silently."""
 
-    def __init__(self, primary: RequestQueue, fallback: RequestQueue | None, health: BackendHealth) -> None:
-        self.primary, self.fallback, self.health = primary, fallback, health
+    def __init__(self, primary: RequestQueue, fallback: RequestQueue | None, health: BackendHealth,
+                 name: str = "Kafka") -> None:
+        self.primary, self.fallback, self.health, self.name = primary, fallback, health, name
         self.max_size = getattr(primary, "max_size", 0)
 
     @property
@@ -48,13 +49,13 @@ class FallbackQueue:
         try:
             self.primary.put(request)
         except QueueUnavailable as error:
-            self.health.down("Kafka", error)
+            self.health.down(self.name, error)
             if self.fallback is None:
                 raise
             logger.warning("request %s runs on this Space: %s", request.request_id, error)
             self.fallback.put(request)
             return
-        self.health.up("Kafka")
+        self.health.up(self.name)
 
     def depth(self) -> int:
         return self.primary.depth() + (self.fallback.depth() if self.fallback else 0)

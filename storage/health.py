@@ -13,7 +13,13 @@ logger = logging.getLogger(__name__)
 CONSEQUENCES = {
     "Redis": "no fleet cache and job state kept on this Space only; caching resumes by itself",
     "R2/S3": "new images are served by this Space only and not persisted; uploads resume by themselves",
+    "object stores (R2 and its fallback)": "new images are served by this Space only and not persisted; "
+                                           "uploads resume by themselves",
+    "R2": "new images are written to the fallback store (S3_FALLBACK_*); writes return to R2 by themselves",
+    "S3 fallback": "the fallback store failed too; images wait on this Space until a store takes them",
     "Kafka": "the shared queue is unavailable; requests are refused (or run here when KAFKA_FALLBACK_LOCAL=1)",
+    "SQS": "the shared queue is unavailable; requests are refused (or run here when KAFKA_FALLBACK_LOCAL=1)",
+    "GPU service": "peaks wait in the fleet's queue instead; the GPU service is tried again by itself",
 }
 
 

@@ -183,10 +183,10 @@ class FailoverObjectStore:
         try:
             stored = self.primary.put(key, data, content_type)
         except Exception as error:  # any botocore error: the fallback takes the write
-            self.health.down("R2/S3", error)
+            self.health.down("R2", error)
             logger.warning("R2 did not take %s (%s); writing it to the fallback store", key, type(error).__name__)
         else:
-            self.health.up("R2/S3")
+            self.health.up("R2")
             return stored._replace(storage=self.PRIMARY)
         try:
             stored = self.fallback.put(key, data, content_type)
