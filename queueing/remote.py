@@ -247,9 +247,12 @@ class RemoteBackend:
         self._pool.submit(self._run, request)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Predictions in hand go on (the service runs them); the jobs stay followable only while this
-        process lives, so a stopping Space hands the unfinished ones to the fleet."""
+        """A stopping Space cannot store what its predictions make: each is cancelled at the service and
+        its request handed to the fleet queue (waiting up to timeout for the hand-overs)."""
         self._stopping.set()
+        deadline = time.monotonic() + timeout
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, request: GenerationRequest) -> None:
@@ -260,9 +263,14 @@ class RemoteBackend:
                 self._running.discard(request.request_id)
             return
         try:
+            if self._stopping.is_set():
+                raise RemoteFailed("this Space is stopping")
             self._predict(request, fp)
         except Cancelled as error:
-            self._finish(fp, request.request_id, CANCELLED, error=str(error))
+            if self._stopping.is_set() and not self._user_cancelled(request.request_id):
+                self._to_fleet(request, fp, RemoteFailed("this Space stopped during the prediction"))
+            else:
+                self._finish(fp, request.request_id, CANCELLED, error=str(error))
         except Exception as error:  # RemoteFailed, the object store, anything: the fleet takes it
             self._to_fleet(request, fp, error)
         finally:
@@ -297,6 +305,9 @@ class RemoteBackend:
         self._finish(fp, request.request_id, DONE, result=result)
 
     def _cancel_requested(self, request_id: str) -> bool:
+        return self._stopping.is_set() or self._user_cancelled(request_id)
+
+    def _user_cancelled(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
         return job is None or job.cancel_requested
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 import urllib.request
 
 import httpx
@@ -221,3 +222,21 @@ def test_replicate_token_never_reaches_health_or_logs(tiny_model, tmp_path) -> N
         stop_app(app)
     assert token not in health and token not in app.log()
 
+
+
+def test_a_stopping_space_hands_its_remote_work_to_the_fleet(fleet, cog_server) -> None:
+    app = _gateway(fleet, cog_server, OVERFLOW_AFTER_SECONDS="0")
+    client = Client(app.url, verbose=False)
+    request_id = client.predict(prompt="a forge left at closing time", seed=6, request_id="", **SLOW,
+                                api_name="/submit")
+    wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["worker"] == "remote:cog")
+    app.process.terminate()
+    app.process.wait(60)
+    _, jobs = fleet.redis_fleet()
+    job = jobs.get(request_id)
+    assert job.state == "queued" and job.backend == "fleet" and "stopped" in job.route, job
+    fleet.start_worker("w1")
+    deadline = time.monotonic() + 300
+    while not (job := jobs.get(request_id)).finished and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job.state == "done" and job.result["backend"] == "fleet", job
