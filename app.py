@@ -531,7 +531,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
         build = _fleet_services if fleet.shared_queue == "kafka" else _sqs_services
         services = build(settings, pipeline, identity, objects, stores, worker, endpoints, health, metrics,
                          admission, local, consume=fleet.kafka_consume or worker_only)
-    if settings.remote.service and not worker_only:
+    if settings.remote.service:
         _add_remote(settings, services, stores)
     return services
 
@@ -553,6 +553,9 @@ def _add_remote(settings: Settings, services: Services, stores: Stores) -> None:
         overflow_after_seconds=config.overflow_after_seconds, remote_share=config.share,
         max_per_hour=config.max_per_hour, queue_backend="local" if local else "fleet", metrics=services.metrics)
     services.gateway.remote = services.remote
+    if services.entrance is not None:  # topic producers that opt in (route "auto") are routed too
+        services.entrance.router, services.entrance.remote = services.gateway.router, services.remote
+        services.remote.on_finished = services.entrance.publish_outcome
 
 
 def _prediction_service(config: RemoteSettings):

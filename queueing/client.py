@@ -21,7 +21,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from inference.request import GenerationRequest
 from queueing.kafka import KafkaSettings, LazyProducer, RequestSender, ensure_topics
-from queueing.messages import decode_result
+from queueing.messages import decode_result, encode_request
+from storage.keys import routing_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,15 @@ class BackendClient:
             self._results.position(partition)
         self._seen: dict[str, dict[str, Any]] = {}
 
-    def submit(self, request: GenerationRequest) -> str:
-        """Queue the request (acknowledged by all in-sync replicas) and return its request id."""
-        self._sender.send(request)
+    def submit(self, request: GenerationRequest, allow_remote: bool = False) -> str:
+        """Queue the request (acknowledged by all in-sync replicas) and return its request id.
+        allow_remote: let the fleet send it to its GPU service when the queue is deep (route "auto",
+        through the entrance topic); otherwise it goes straight to its preset's topic."""
+        if allow_remote:
+            self._sender.send_raw(encode_request(request, route="auto"), routing_key(request).encode(),
+                                  self.settings.requests_topic)
+        else:
+            self._sender.send(request)
         return request.request_id
 
     def wait(self, request_id: str, timeout: float) -> dict[str, Any]:

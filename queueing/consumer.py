@@ -98,6 +98,10 @@ class KafkaWorkerLoop:
         else:
             self.topics, self.group_id = [settings.preset_topic(self.preset)], settings.preset_group(self.preset)
         self.status = ConsumerStatus()
+        # The entrance of a Space with a GPU service routes requests whose producer opted in (route
+        # "auto"): queueing.routing.Router and queueing.remote.RemoteBackend, set by the app.
+        self.router: Any = None
+        self.remote: Any = None
         self.revoked: set[TopicPartition] = set()
         self.busy = False
         self._stop = threading.Event()
@@ -300,6 +304,8 @@ class KafkaWorkerLoop:
             self._dead_letter(raw, key, str(error), origin=origin)
             return
         request = envelope.request
+        if self.entrance and envelope.route == "auto" and self._sent_remote(request, raw, key, origin):
+            return
         if self.entrance or request.preset != self.preset:  # to the workers that serve its preset
             target = self.settings.preset_topic(request.preset)
             self._durably(lambda: self.sender.send_raw(raw, key, target), f"forwarding to {target}")
@@ -319,6 +325,30 @@ class KafkaWorkerLoop:
             self._publish_result(job)
         else:
             self._attempt(request, job, raw, key, origin)
+
+    def _sent_remote(self, request: GenerationRequest, raw, key, origin: Origin) -> bool:
+        """True when the router sent the request to the GPU service (its job says so; the result is
+        published like any other). A redelivered request whose job is already under way goes to its
+        preset's topic as usual: whoever holds it finishes it, or the fleet does."""
+        if self.router is None or request.preset != self.preset:
+            return False
+        fresh = self.jobs.get(request.request_id) is None
+        job = self._job_for(request)
+        if not _same_request(job, request):
+            self._refuse_conflict(request, raw, key, origin)
+            return True
+        if not fresh or job.finished:
+            return False
+        decision = self.router.decide(request)
+        self.jobs.update(request.request_id, backend=decision.backend, route=decision.reason)
+        if not decision.remote:
+            return False
+        self.remote.put(request)
+        return True
+
+    def publish_outcome(self, job: Job) -> None:
+        """The result message of a topic request that the GPU service finished."""
+        self._publish_result(job)
 
     def _job_for(self, request: GenerationRequest) -> Job:
         fp = fingerprint(request, self.worker.identity)

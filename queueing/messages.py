@@ -26,13 +26,16 @@ class RequestEnvelope:
     attempt: int = 1
     submitted_at: float = 0.0
     replayed: bool = False  # sent again from the dead-letter topic: its failed job starts over
+    route: str = ""  # "auto": the producer lets the fleet send it to the GPU service when the queue is deep
 
 
 def encode_request(request: GenerationRequest, attempt: int = 1, submitted_at: float | None = None,
-                   replayed: bool = False) -> bytes:
+                   replayed: bool = False, route: str = "") -> bytes:
     data = {"v": VERSION, "request": request.to_dict(), "attempt": attempt, "submitted_at": submitted_at or time.time()}
     if replayed:
         data["replayed"] = True
+    if route:
+        data["route"] = route
     return json.dumps(data).encode()
 
 
@@ -57,8 +60,11 @@ def decode_request(raw: bytes | None) -> RequestEnvelope:
     except InvalidRequest as error:
         raise MalformedMessage(f"invalid request: {error}") from None
     submitted_at = data.get("submitted_at")
+    route = data.get("route", "")
+    if route not in ("", "auto", "fleet"):
+        raise MalformedMessage(f"route must be \"auto\" or \"fleet\", got {route!r}")
     return RequestEnvelope(request, attempt, submitted_at if isinstance(submitted_at, int | float) else 0.0,
-                           replayed=data.get("replayed") is True)
+                           replayed=data.get("replayed") is True, route=route)
 
 
 def encode_result(request_id: str, state: str, result: dict | None, error: str | None) -> bytes:

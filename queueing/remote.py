@@ -224,6 +224,7 @@ class RemoteBackend:
         self.service, self.identity, self.cache, self.jobs, self.objects = service, identity, cache, jobs, objects
         self.fallback, self.health, self.metrics, self.group = fallback, health, metrics, group
         self.cost_per_image, self.fallback_name = cost_per_image, fallback_name
+        self.on_finished: Callable[[Any], None] | None = None  # the entrance publishes topic requests' results
         self.max_size = getattr(fallback, "max_size", 0)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="remote")
         self._running: set[str] = set()
@@ -318,9 +319,11 @@ class RemoteBackend:
             return
         job = self.jobs.get(request_id)
         if job is not None and not job.finished:
-            self.jobs.update(request_id, state=state, result=result, error=error, finished_at=time.time())
+            job = self.jobs.update(request_id, state=state, result=result, error=error, finished_at=time.time())
         if self.metrics:
             self.metrics.requests.labels(state).inc()
+        if job is not None and job.owner == "kafka" and self.on_finished is not None:
+            self.on_finished(job)
 
     def _to_fleet(self, request: GenerationRequest, fp: str, error: BaseException) -> None:
         reason = str(error) if isinstance(error, GenerationError) else f"{type(error).__name__}: {str(error)[:200]}"

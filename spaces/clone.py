@@ -27,10 +27,14 @@ from typing import Any
 logger = logging.getLogger("clone")
 
 SECRET_NAMES = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "REDIS_URL", "R2_ACCESS_KEY_ID",
-                "R2_SECRET_ACCESS_KEY")
+                "R2_SECRET_ACCESS_KEY", "S3_FALLBACK_ACCESS_KEY_ID", "S3_FALLBACK_SECRET_ACCESS_KEY",
+                "REPLICATE_API_TOKEN")
 VARIABLE_NAMES = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM",
                   "KAFKA_TOPIC_PREFIX", "KAFKA_GROUP_ID", "R2_ACCOUNT_ID", "S3_ENDPOINT_URL", "R2_BUCKET",
-                  "R2_PUBLIC_BASE_URL", "MODEL_PRESET", "MODEL_ID", "TINY_VAE_ID")
+                  "R2_PUBLIC_BASE_URL", "MODEL_PRESET", "MODEL_ID", "TINY_VAE_ID",
+                  "S3_FALLBACK_ENDPOINT_URL", "S3_FALLBACK_BUCKET", "S3_FALLBACK_PUBLIC_BASE_URL",
+                  "REMOTE_PREDICTIONS_URL", "REPLICATE_MODEL", "OVERFLOW_AFTER_SECONDS", "REMOTE_SHARE",
+                  "REMOTE_MAX_PER_HOUR")
 # Without these the clone would run alone instead of joining the fleet.
 REQUIRED = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")
 # The source's own role: a clone meant to add capacity must consume, under a name of its own.

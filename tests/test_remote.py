@@ -240,3 +240,18 @@ def test_a_stopping_space_hands_its_remote_work_to_the_fleet(fleet, cog_server) 
     while not (job := jobs.get(request_id)).finished and time.monotonic() < deadline:
         time.sleep(0.5)
     assert job.state == "done" and job.result["backend"] == "fleet", job
+
+
+def test_topic_producers_that_opt_in_are_routed_too(fleet, cog_server) -> None:
+    from inference.request import GenerationRequest
+
+    fleet.start_app("space", REMOTE_PREDICTIONS_URL=cog_server.url, REMOTE_SHARE="1")
+    fleet.wait_for_workers(["space"])
+    with fleet.client() as client:
+        opted_in = GenerationRequest.create("a topic forge on the GPU", seed=7, **SMALL)
+        plain = GenerationRequest.create("a topic forge in the fleet", seed=8, **SMALL)
+        results = client.wait_all([client.submit(opted_in, allow_remote=True), client.submit(plain)], timeout=240)
+    assert results[opted_in.request_id]["state"] == "done", results
+    assert results[opted_in.request_id]["result"]["backend"] == "remote"
+    assert results[opted_in.request_id]["result"]["worker"] == "remote:cog"
+    assert results[plain.request_id]["result"]["backend"] == "fleet"  # no opt-in: the preset's topic as before
