@@ -99,5 +99,6 @@ def test_healthz_reports_model_and_queue(app_server) -> None:
     assert health["model"]["preset"] == "base" and health["model"]["dtype"] in ("bfloat16", "float32")
     assert health["queue"]["kind"] == "local" and health["queue"]["depth"] == 0
     assert health["backends"] == {"queue": "in-process", "cache": "in-memory", "jobs": "in-memory",
-                                  "objects": "local folder"}
+                                  "objects": "local folder", "remote": None}
+    assert health["remote"] is None  # no GPU service configured
     assert health["unreachable"] == []

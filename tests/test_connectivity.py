@@ -39,7 +39,8 @@ def test_unreachable_redis_and_s3_are_reported_and_secrets_never_shown(tiny_mode
         problems = " | ".join(health["unreachable"])
         assert f"Redis unreachable at 127.0.0.1:{redis_port}" in problems
         assert f"R2/S3 unreachable at 127.0.0.1:{s3_port}" in problems and "blocked there" in problems
-        assert health["backends"] == {"queue": "in-process", "cache": "redis", "jobs": "redis", "objects": "s3"}
+        assert health["backends"] == {"queue": "in-process", "cache": "redis", "jobs": "redis", "objects": "s3",
+                                      "remote": None}
         with urllib.request.urlopen(f"{app.url}/config", timeout=10) as response:
             page_config = response.read().decode()
         from gradio_client import Client
