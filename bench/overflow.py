@@ -123,6 +123,24 @@ def _waits(jobs: MemoryJobStore, submitted: dict[str, float]) -> list[float]:
     return [job.finished_at - job.created_at for rid in submitted if (job := jobs.get(rid)).finished]
 
 
+def _redis_budget_decisions(url: str, count: int = 2000) -> list[float]:
+    """Every decision goes remote here, so each one takes from the fleet-wide budget (one Lua call)."""
+    import redis
+
+    from storage.limits import RedisRateLimiter
+
+    budget = RedisRateLimiter(redis.Redis.from_url(url), f"bench-{time.time_ns()}", limit=10**9)
+    router = Router(lambda: {"backlog": 0, "workers": 0, "estimated_wait_s": 0.0}, lambda: True, budget,
+                    None, 0.0, 10**9)
+    timings = []
+    for i in range(count):
+        request = GenerationRequest.create(f"decision {i}", preset="turbo", seed=i)
+        started = time.perf_counter()
+        router.decide(request)
+        timings.append((time.perf_counter() - started) * 1e6)
+    return timings
+
+
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -133,12 +151,15 @@ def main() -> None:
     parser.add_argument("--image-seconds", type=float, default=0.2)
     parser.add_argument("--remote-seconds", type=float, default=0.3)
     parser.add_argument("--overflow-after", type=float, default=1.0)
+    parser.add_argument("--redis-url", help="also time decisions whose budget is in this Redis (fleet-wide)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = run(args, None, Path(tmp) / "base")
         hybrid = run(args, args.overflow_after, Path(tmp) / "hybrid")
+    from bench.soak import _cpu_name
+
     print(f"{args.requests} requests at 2x the capacity of one worker ({args.image_seconds:g} s/image); "
-          f"GPU service {args.remote_seconds:g} s/image")
+          f"GPU service {args.remote_seconds:g} s/image; on {_cpu_name()}")
     for name, outcome in (("fleet only", base), (f"OVERFLOW_AFTER_SECONDS={args.overflow_after:g}", hybrid)):
         waits = outcome["waits"]
         print(f"  {name:28s} wait p50 {_percentile(waits, 50):6.2f} s  p95 {_percentile(waits, 95):6.2f} s  "
@@ -148,6 +169,10 @@ def main() -> None:
     decisions = [d * 1e6 for d in hybrid["decisions"]]
     print(f"  routing decision: p50 {_percentile(decisions, 50):.0f} us, p99 {_percentile(decisions, 99):.0f} us "
           f"({len(decisions)} decisions, in-memory budget)")
+    if args.redis_url:
+        redis_decisions = _redis_budget_decisions(args.redis_url)
+        print(f"  routing decision with the budget in Redis: p50 {_percentile(redis_decisions, 50):.0f} us, "
+              f"p99 {_percentile(redis_decisions, 99):.0f} us ({len(redis_decisions)} decisions)")
     if hybrid["reaction"] is not None:
         print(f"  threshold crossed -> first remote request: {hybrid['reaction'] * 1000:.1f} ms after the "
               f"estimate first read above it (each decision reads the estimate; in a Kafka fleet the "
