@@ -364,6 +364,7 @@ class Services:
     entrance: Any = None  # the loop forwarding <prefix>.requests to the preset topics
     heartbeat: Any = None
     remote: Any = None  # queueing.remote.RemoteBackend: the GPU service for peaks, when configured
+    rescuer: Any = None  # queueing.remote.LeaseRescuer: in a fleet, takes over what a dead Space sent remote
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
@@ -379,6 +380,8 @@ class Services:
                 loop.start()  # joins its group only once the model is loaded
         if self.heartbeat is not None:
             self.heartbeat.start()
+        if self.rescuer is not None:
+            self.rescuer.start()
 
     def stop_consumers(self) -> None:
         """Leave the consumer groups warm: the job in hand finishes (or is handed back past the grace)."""
@@ -391,6 +394,8 @@ class Services:
         self.stop_consumers()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.rescuer is not None:
+            self.rescuer.stop()
         if self.remote is not None:
             self.remote.stop()
         self.queue.stop()
@@ -489,6 +494,7 @@ class Stores:
     rate: Any
     inflight: Any
     remote_budget: Any = None  # REMOTE_MAX_PER_HOUR, fleet-wide when Redis is there
+    remote_leases: Any = None  # RemoteLeases: GPU-service requests a dead Space held are rescued
 
 
 def build_pipeline(settings: Settings):
@@ -533,6 +539,13 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
                          admission, local, consume=fleet.kafka_consume or worker_only)
     if settings.remote.service:
         _add_remote(settings, services, stores)
+    if fleet.shared_queue and stores.remote_leases is not None:
+        from queueing.remote import LeaseRescuer
+
+        services.rescuer = LeaseRescuer(stores.remote_leases, stores.jobs, services.queue,
+                                        interval_seconds=min(5.0, fleet.claim_ttl_seconds / 2))
+        if services.remote is not None:
+            services.remote.leases = stores.remote_leases
     return services
 
 
@@ -660,7 +673,7 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
     from redis.retry import Retry
 
     from storage.limits import RedisInflightLimit, RedisRateLimiter
-    from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache
+    from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache, RemoteLeases
     from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientLimit, RedisGuard
 
     # Short timeouts and one retry: a Redis that hangs must cost seconds, not tens of them (the
@@ -682,6 +695,7 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
                                 memory_inflight, guard),
         remote_budget=ResilientLimit(RedisRateLimiter(client, f"{namespace}:remote", settings.remote.max_per_hour),
                                      memory_budget, guard),
+        remote_leases=RemoteLeases(client, namespace, fleet.claim_ttl_seconds),
     )
 
 

@@ -225,6 +225,7 @@ class RemoteBackend:
         self.fallback, self.health, self.metrics, self.group = fallback, health, metrics, group
         self.cost_per_image, self.fallback_name = cost_per_image, fallback_name
         self.on_finished: Callable[[Any], None] | None = None  # the entrance publishes topic requests' results
+        self.leases: Any = None  # storage.redis_store.RemoteLeases in a fleet: another member rescues our work
         self.max_size = getattr(fallback, "max_size", 0)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="remote")
         self._running: set[str] = set()
@@ -245,7 +246,29 @@ class RemoteBackend:
     def put(self, request: GenerationRequest) -> None:
         with self._lock:
             self._running.add(request.request_id)
+            first = len(self._running) == 1
+        if self.leases is not None:
+            try:
+                self.leases.hold(request.request_id)
+            except Exception as error:  # Redis away: the prediction runs without a rescue net
+                logger.warning("could not lease %s: %s", request.request_id, type(error).__name__)
+            if first:
+                threading.Thread(target=self._renew_leases, name="remote-leases", daemon=True).start()
         self._pool.submit(self._run, request)
+
+    def _renew_leases(self) -> None:
+        """While predictions are in flight, their leases stay fresh (Redis away: a lease may lapse, and a
+        rescue then only makes a duplicate the cache absorbs)."""
+        while True:
+            time.sleep(max(0.5, self.leases.ttl_seconds / 3))
+            with self._lock:
+                running = list(self._running)
+            if not running:
+                return
+            try:
+                self.leases.hold(*running)
+            except Exception as error:
+                logger.warning("could not renew the GPU-service leases: %s", type(error).__name__)
 
     def stop(self, timeout: float = 10.0) -> None:
         """A stopping Space cannot store what its predictions make: each is cancelled at the service and
@@ -260,8 +283,7 @@ class RemoteBackend:
         fp = fingerprint(request, self.identity)
         job = self.jobs.get(request.request_id)
         if job is None or job.finished:  # cancelled (or expired) while it waited for a free slot
-            with self._lock:
-                self._running.discard(request.request_id)
+            self._forget(request.request_id)
             return
         try:
             if self._stopping.is_set():
@@ -275,8 +297,16 @@ class RemoteBackend:
         except Exception as error:  # RemoteFailed, the object store, anything: the fleet takes it
             self._to_fleet(request, fp, error)
         finally:
-            with self._lock:
-                self._running.discard(request.request_id)
+            self._forget(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._running.discard(request_id)
+        if self.leases is not None:
+            try:
+                self.leases.release(request_id)
+            except Exception as error:  # it expires; the rescuer then finds the job finished
+                logger.warning("could not release the lease of %s: %s", request_id, type(error).__name__)
 
     def _predict(self, request: GenerationRequest, fp: str) -> None:
         started = time.perf_counter()
@@ -337,3 +367,42 @@ class RemoteBackend:
             self.fallback.put(request)
         except GenerationError as queue_error:  # the fleet queue refused too: say so, never drop silently
             self._finish(fp, request.request_id, FAILED, error=f"{reason}; and the fleet queue: {queue_error}")
+
+
+class LeaseRescuer:
+    """In every fleet member: requests whose Space died while following their GPU prediction (the lease
+    ran out) go to the fleet queue, so a kill -9 of a Space loses nothing it routed away."""
+
+    def __init__(self, leases: Any, jobs: JobStore, queue: Any, interval_seconds: float = 5.0) -> None:
+        self.leases, self.jobs, self.queue, self.interval_seconds = leases, jobs, queue, interval_seconds
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="lease-rescuer", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_seconds):
+            try:
+                self.rescue()
+            except Exception as error:  # Redis or the queue away: the leases wait for the next round
+                logger.warning("could not rescue lapsed GPU-service requests: %s", type(error).__name__)
+
+    def rescue(self) -> int:
+        rescued = 0
+        for request_id in self.leases.expired():
+            if not self.leases.take(request_id):
+                continue  # another member took it
+            job = self.jobs.get(request_id)
+            if job is None or job.finished or job.backend != "remote":
+                continue
+            request = GenerationRequest.from_dict(job.request)
+            logger.warning("request %s: the Space following its GPU prediction is gone; queued in the fleet",
+                           request_id)
+            self.jobs.update(request_id, state=QUEUED, step=0, worker="", backend="fleet",
+                             route="the Space that sent it to the GPU service stopped answering; queued in the fleet")
+            self.queue.put(request)
+            rescued += 1
+        return rescued

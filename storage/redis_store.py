@@ -231,3 +231,29 @@ class RedisClaims:
 
     def release(self, fingerprint: str, holder: str) -> None:
         self._release(keys=[inflight_key(self.namespace, fingerprint)], args=[holder])
+
+
+class RemoteLeases:
+    """Requests a Space has sent to the GPU service, each with a lease that Space renews while it
+    follows the prediction. A lease that runs out means that Space died (kill -9) with the request in
+    hand: any other fleet member takes it over (ZREM decides who) and hands it to the fleet queue."""
+
+    def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: float = 30.0) -> None:
+        self.client, self.ttl_seconds = client, ttl_seconds
+        self._key = f"{namespace}:remote:leases"
+
+    def hold(self, *request_ids: str) -> None:
+        if request_ids:
+            until = time.time() + self.ttl_seconds
+            self.client.zadd(self._key, {request_id: until for request_id in request_ids})
+
+    def release(self, request_id: str) -> None:
+        self.client.zrem(self._key, request_id)
+
+    def expired(self, limit: int = 20) -> list[str]:
+        return [name.decode() if isinstance(name, bytes) else name
+                for name in self.client.zrangebyscore(self._key, "-inf", time.time(), start=0, num=limit)]
+
+    def take(self, request_id: str) -> bool:
+        """True for the one caller that removed the expired lease: it owns the hand-over."""
+        return bool(self.client.zrem(self._key, request_id))

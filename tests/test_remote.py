@@ -255,3 +255,24 @@ def test_topic_producers_that_opt_in_are_routed_too(fleet, cog_server) -> None:
     assert results[opted_in.request_id]["result"]["backend"] == "remote"
     assert results[opted_in.request_id]["result"]["worker"] == "remote:cog"
     assert results[plain.request_id]["result"]["backend"] == "fleet"  # no opt-in: the preset's topic as before
+
+
+def test_a_space_killed_while_its_prediction_runs_loses_nothing(fleet, tiny_model, tmp_path) -> None:
+    cog = CogServer(tiny_model, tmp_path / "cog")
+    try:
+        app = _gateway(fleet, cog, OVERFLOW_AFTER_SECONDS="0")
+        client = Client(app.url, verbose=False)
+        request_id = client.predict(prompt="a forge whose Space dies", seed=12, request_id="", **SLOW,
+                                    api_name="/submit")
+        wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["worker"] == "remote:cog")
+        fleet.kill("gateway")  # nothing handed back: its lease runs out instead
+        fleet.start_worker("w1")  # any fleet member rescues lapsed leases
+        _, jobs = fleet.redis_fleet()
+        deadline = time.monotonic() + 300
+        while not (job := jobs.get(request_id)).finished and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert job.state == "done" and job.result["backend"] == "fleet", job
+        assert "stopped answering" in job.route
+        assert "queued in the fleet" in fleet.log("w1")
+    finally:
+        cog.stop()
