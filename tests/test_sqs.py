@@ -3,11 +3,14 @@ a job runs, redelivery after a worker dies, deletion only after the outcome, dea
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 import uuid
 
 import boto3
 import pytest
+from gradio_client import Client
 
 from inference.request import GenerationRequest
 from queueing.sqs import SqsRequestQueue, ensure_queue
@@ -89,3 +92,14 @@ def test_poison_message_lands_in_the_dead_letter_queue_by_redrive(sqs_fleet) -> 
     SqsRequestQueue(client, url, None, "base").put(good)  # the worker goes on serving
     _, jobs = fleet.redis_fleet()
     assert _wait_job(jobs, good.request_id, lambda j: j.finished).state == "done"
+
+
+def test_a_space_on_sqs_serves_its_api_through_the_queue(sqs_fleet) -> None:
+    fleet, client, url, _, env = sqs_fleet
+    app = fleet.start_app("sqs-space", **env)
+    _, meta = Client(app.url, verbose=False).predict(prompt="a queue in the cloud", seed=4, negative_prompt="", preset="base", width=256,
+                             height=256, steps=2, guidance_scale=5.0, api_name="/generate")
+    assert meta["backend"] == "fleet" and meta["worker"] == "sqs-space" and not meta["cached"], meta
+    status = json.loads(urllib.request.urlopen(f"{app.url}/healthz", timeout=5).read())
+    assert status["backends"]["queue"] == "sqs" and status["consumer"]["state"] == "consuming", status
+    assert _count(client, url) == 0
