@@ -104,6 +104,7 @@ class FleetSettings:
     kafka_consume: bool = True
     max_attempts: int = 3
     redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False  # REDIS_CLUSTER=1 or a redis+cluster:// URL: a Redis Cluster
     redis_namespace: str = "imagegen"
     job_ttl_seconds: int = SECONDS_PER_DAY
     s3_endpoint_url: str | None = None
@@ -148,6 +149,7 @@ class FleetSettings:
             kafka_consume=read.flag("KAFKA_CONSUME", True),
             max_attempts=read.int("MAX_ATTEMPTS", 3, minimum=1),
             redis_url=read.str("REDIS_URL"),
+            redis_cluster=read.flag("REDIS_CLUSTER", False),
             redis_namespace=read.str("REDIS_NAMESPACE", "imagegen"),
             job_ttl_seconds=read.int("JOB_TTL_SECONDS", SECONDS_PER_DAY, minimum=60),
             s3_endpoint_url=read.str("S3_ENDPOINT_URL") or (
@@ -668,18 +670,12 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
     memory_budget = MemoryRateLimiter(settings.remote.max_per_hour)
     if not fleet.redis_url:
         return Stores(memory_cache, MemoryJobStore(), None, None, memory_rate, memory_inflight, memory_budget)
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     from storage.limits import RedisInflightLimit, RedisRateLimiter
-    from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache, RemoteLeases
+    from storage.redis_store import (RedisClaims, RedisFleet, RedisJobStore, RedisResultCache, RemoteLeases,
+                                     redis_client)
     from storage.resilient import ResilientCache, ResilientClaims, ResilientJobStore, ResilientLimit, RedisGuard
 
-    # Short timeouts and one retry: a Redis that hangs must cost seconds, not tens of them (the
-    # circuit breaker in RedisGuard then skips it for a while).
-    client = redis.Redis.from_url(fleet.redis_url, socket_timeout=2, socket_connect_timeout=2,
-                                  health_check_interval=30, retry=Retry(NoBackoff(), 1))
+    client = redis_client(fleet.redis_url, cluster=fleet.redis_cluster)
     guard = RedisGuard(health)
     namespace = fleet.redis_namespace
     # Results hold image URLs: shared through Redis only when the images are in a shared store too.

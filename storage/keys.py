@@ -40,7 +40,8 @@ def job_channel(namespace: str, request_id: str) -> str:
 
 
 def worker_key(namespace: str, worker: str) -> str:
-    return f"{namespace}:worker:{worker}"
+    """The fleet registry's keys share a hash tag: one Redis Cluster slot, so one pipeline reads both."""
+    return f"{{{namespace}:workers}}:{worker}"
 
 
 def inflight_key(namespace: str, fingerprint_: str) -> str:

@@ -22,6 +22,25 @@ from storage.keys import inflight_key, job_channel, job_key, result_key, worker_
 logger = logging.getLogger(__name__)
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def redis_client(url: str, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
+    """A single Redis, or a Redis Cluster (cluster=True or a redis+cluster:// URL naming any one node).
+    Every store works on both: each Lua script and WATCH transaction touches one key, and keys read
+    together share a hash tag (storage.keys). Short timeouts: a Redis that hangs must cost seconds, not
+    tens of them (the circuit breaker in storage.resilient then skips it for a while)."""
+    from redis.backoff import ExponentialBackoff, NoBackoff
+    from redis.retry import Retry
+
+    options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
+    if cluster or url.startswith(CLUSTER_SCHEMES):
+        # A failover moves slots: retries with backoff let the client find the promoted replica.
+        return redis.RedisCluster.from_url(url.replace("+cluster://", "://", 1),
+                                           retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 6), **options)
+    return redis.Redis.from_url(url, health_check_interval=30, retry=Retry(NoBackoff(), 1), **options)
+
+
 class RedisResultCache:
     def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int) -> None:
         self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
@@ -70,7 +89,7 @@ class JobEvents:
                 pubsub.psubscribe(self.pattern)
                 for message in pubsub.listen():
                     self._wake(message.get("channel"))
-            except (redis.RedisError, OSError) as error:  # Redis away: waiters fall back to polling
+            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as error:  # away: waiters poll
                 logger.debug("job events: %s; resubscribing", type(error).__name__)
                 time.sleep(1.0)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from storage.health import BackendHealth
 from storage.jobs import Job, MemoryJobStore
@@ -45,6 +46,10 @@ class RedisGuard:
             self._open_until = time.monotonic() + self.open_seconds
             self.health.down(NAME, error)
             raise
+        except RedisClusterException as error:  # no node for a slot (mid-failover): Redis is away, too
+            self._open_until = time.monotonic() + self.open_seconds
+            self.health.down(NAME, error)
+            raise redis.ConnectionError(f"Redis Cluster: {error}") from error
         self._open_until = 0.0
         self.health.up(NAME)
         return result

@@ -305,3 +305,106 @@ class CogServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.kill()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too and below 65536."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisClusterServer:
+    """A real local Redis Cluster: three masters with one replica each (`redis-server --cluster-enabled
+    yes` x6 + `redis-cli --cluster create`), a short node timeout so a killed master fails over in seconds."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.workdir = workdir
+        self.ports = [_cluster_port() for _ in range(masters * 2)]
+        self.processes: dict[int, subprocess.Popen] = {}
+        for port in self.ports:
+            folder = workdir / str(port)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.processes[port] = subprocess.Popen(
+                [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500",
+                 "--cluster-replica-validity-factor", "0",
+                 "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in self.ports:
+            wait_for_port(port)
+        subprocess.run([shutil.which("redis-cli") or "/usr/bin/redis-cli", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        self.wait_healthy()
+        self._wait_replicas_in_sync()
+        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+
+    def _wait_replicas_in_sync(self, timeout: float = 60.0) -> None:
+        """Each master has its replica online: only a replica that synced can take over."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            roles = [self._cli(p, "info", "replication") for p in self.ports]
+            masters = [r for r in roles if "role:master" in r]
+            if len(masters) == len(self.ports) // 2 and all("state=online" in r for r in masters):
+                return
+            time.sleep(0.25)
+        raise TimeoutError("the cluster's replicas did not sync")
+
+    def _cli(self, port: int, *args: str) -> str:
+        done = subprocess.run([shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), *args],
+                              capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Every live node says cluster_state:ok and every slot has a live master."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = [p for p, process in self.processes.items() if process.poll() is None]
+            if all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in alive):
+                return
+            time.sleep(0.25)
+        raise TimeoutError("the Redis Cluster did not become healthy")
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving key's slot."""
+        slot = self._cli(self.ports[0], "cluster", "keyslot", key).strip()
+        for line in self._cli(self.ports[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                for slot_range in fields[8:]:
+                    low, _, high = slot_range.partition("-")
+                    if low.isdigit() and int(low) <= int(slot) <= int(high or low):
+                        return int(fields[1].split(":")[1].split("@")[0])
+        raise LookupError(f"no master for {key}")
+
+    def kill(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGKILL)
+        self.processes[port].wait()
+
+    def fail_over(self, port: int, timeout: float = 60.0) -> None:
+        """Kill the master on port and wait until its replica serves its slots (the others marked it
+        failed after the node timeout, and elected the replica)."""
+        self.kill(port)
+        alive = next(p for p, process in self.processes.items() if process.poll() is None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = self._cli(alive, "cluster", "nodes").splitlines()
+            dead = [line for line in nodes if f":{port}@" in line]
+            if dead and "fail" in dead[0].split()[2] and len(dead[0].split()) <= 8:  # failed, no slots left
+                self.wait_healthy()
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"no failover of 127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                stop_process(process)
