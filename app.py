@@ -475,7 +475,20 @@ class Services:
         self.metrics.backlog.set(_safe(self.queue.depth, 0) or 0)
         if self.pipeline.load_seconds is not None:
             self.metrics.model_load_seconds.set(self.pipeline.load_seconds)
+        self._count_workers()
         return self.metrics.render()
+
+    def _count_workers(self) -> None:
+        """Live workers by preset, from the heartbeats (this Space's own preset is always reported,
+        so "no worker for the preset" is a 0, not a missing series)."""
+        if not self.settings.fleet.shared_queue or self.fleet is None:
+            self.metrics.workers.labels(self.identity.preset).set(1)  # this Space is its own worker
+            return
+        counts = {self.identity.preset: 0}
+        for worker in _safe(self.fleet.workers, []):
+            counts[worker.get("preset", "?")] = counts.get(worker.get("preset", "?"), 0) + 1
+        for preset, count in counts.items():
+            self.metrics.workers.labels(preset).set(count)
 
 
 def _safe(call, default):
