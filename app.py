@@ -303,6 +303,7 @@ class Settings:
     trusted_proxy_hops: int = 0  # proxies in front of the app that append to X-Forwarded-For (1 on a Space)
     sign_in: bool = False  # "Sign in with Hugging Face": on a Space whose card says hf_oauth: true
     output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
+    worker_health_port: int = 8080  # `--worker`'s /healthz, /readyz, /metrics (0: none)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
 
@@ -325,6 +326,7 @@ class Settings:
             public_url=read.str("PUBLIC_URL") or (f"https://{space_host}" if space_host else None),
             server_name=read.str("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=read.int("GRADIO_SERVER_PORT", 7860, minimum=1),
+            worker_health_port=read.int("WORKER_HEALTH_PORT", 8080),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
             cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
             cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
@@ -1039,6 +1041,11 @@ def build_app(services: Services):
         health = services.health()
         return JSONResponse(health, status_code=503 if health["status"] in ("failed", "stopping") else 200)
 
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        status = services.health()["status"]
+        return JSONResponse({"status": status}, status_code=200 if status in READY_STATES else 503)
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(services.render_metrics(), media_type=CONTENT_TYPE_LATEST)
@@ -1111,11 +1118,60 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+READY_STATES = ("ok", "degraded")  # /readyz: the model is loaded and the process takes work
+
+
+def start_health_server(services: Services, host: str, port: int):
+    """The headless worker's /healthz (liveness: 503 once failed or stopping), /readyz (readiness: 200
+    only while ready) and /metrics, for Kubernetes probes and Prometheus. Standard library only: the
+    worker runs no web framework."""
+    import http.server
+    import json as json_module
+
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, services.render_metrics(), CONTENT_TYPE_LATEST)
+                return
+            if path not in ("/healthz", "/readyz"):
+                self._send(404, b'{"error": "not found"}', "application/json")
+                return
+            health = services.health()
+            ok = health["status"] in READY_STATES if path == "/readyz" else health["status"] not in ("failed",
+                                                                                                  "stopping")
+            self._send(200 if ok else 503, json_module.dumps(health).encode(), "application/json")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # probes every few seconds would flood the log
+            pass
+
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
+    except OSError as error:  # the worker still works; its probes fail, so an orchestrator notices
+        logger.error("worker health server not started on %s:%d: %s (set WORKER_HEALTH_PORT)", host, port, error)
+        return None
+    threading.Thread(target=server.serve_forever, name="health-server", daemon=True).start()
+    logger.info("worker health on http://%s:%d/healthz", host, port)
+    return server
+
+
 def run_worker(services: Services) -> int:
-    """Headless fleet member (`python app.py --worker`): consumes the request topic, no UI."""
+    """Headless fleet member (`python app.py --worker`): consumes the fleet's queue, no UI; its
+    /healthz, /readyz and /metrics on WORKER_HEALTH_PORT (0: none)."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    health_port = services.settings.worker_health_port
+    health = start_health_server(services, services.settings.server_name, health_port) if health_port else None
     services.start()
     fleet = services.settings.fleet
     logger.info("worker %s consuming %s", fleet.worker_name,
@@ -1126,7 +1182,10 @@ def run_worker(services: Services) -> int:
             logger.error("%s", services.pipeline.error)
             exit_code = 2
             break
+    services.stopping = True  # /healthz answers 503 "stopping" while the job in hand finishes
     services.stop()  # warm: the job in hand finishes and is committed before the group is left
+    if health is not None:
+        health.shutdown()
     return exit_code
 
 

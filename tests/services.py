@@ -143,7 +143,8 @@ class Fleet:
                       KAFKA_PARTITIONS="12", KAFKA_MAX_POLL_INTERVAL_MS="10000",
                       KAFKA_SESSION_TIMEOUT_MS="6000", REDIS_URL=self.redis_url, REDIS_NAMESPACE=self.prefix,
                       S3_ENDPOINT_URL=self.s3.endpoint, R2_BUCKET=self.bucket, R2_ACCESS_KEY_ID=S3_KEY,
-                      R2_SECRET_ACCESS_KEY=S3_SECRET, HEARTBEAT_SECONDS="1", CLAIM_TTL_SECONDS="6")
+                      R2_SECRET_ACCESS_KEY=S3_SECRET, HEARTBEAT_SECONDS="1", CLAIM_TTL_SECONDS="6",
+                      WORKER_HEALTH_PORT=str(free_port()))
         env.update(extra)
         return env
 
