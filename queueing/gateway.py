@@ -111,7 +111,8 @@ class Gateway:
                 self.metrics.cache_hits.inc()
                 self.metrics.requests.labels("cache_hit").inc()
             result = {**cached, "request_id": request.request_id, "cached": True,
-                      "url": self.objects.url_for(cached["object_key"], cached.get("storage", ""))}  # fresh if presigned
+                      # re-signed: a presigned URL stored with the entry may have expired
+                      "url": self.objects.url_for(cached["object_key"], cached.get("storage", ""))}
             return self._store_job(request, fp, state=DONE, result=result, finished_at=time.time(), **who)
         job = self._store_job(request, fp, state=QUEUED, **who)
         if self.inflight is None or self.inflight.join_or_lead(fp, request.request_id):

@@ -97,8 +97,9 @@ def test_poison_message_lands_in_the_dead_letter_queue_by_redrive(sqs_fleet) -> 
 def test_a_space_on_sqs_serves_its_api_through_the_queue(sqs_fleet) -> None:
     fleet, client, url, _, env = sqs_fleet
     app = fleet.start_app("sqs-space", **env)
-    _, meta = Client(app.url, verbose=False).predict(prompt="a queue in the cloud", seed=4, negative_prompt="", preset="base", width=256,
-                             height=256, steps=2, guidance_scale=5.0, api_name="/generate")
+    _, meta = Client(app.url, verbose=False).predict(prompt="a queue in the cloud", seed=4, negative_prompt="",
+                                                     preset="base", width=256, height=256, steps=2,
+                                                     guidance_scale=5.0, api_name="/generate")
     assert meta["backend"] == "fleet" and meta["worker"] == "sqs-space" and not meta["cached"], meta
     status = json.loads(urllib.request.urlopen(f"{app.url}/healthz", timeout=5).read())
     assert status["backends"]["queue"] == "sqs" and status["consumer"]["state"] == "consuming", status
