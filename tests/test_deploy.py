@@ -86,9 +86,9 @@ def test_every_manifest_parses_into_the_kubernetes_models() -> None:
 
 
 def _checkov() -> str:
-    found = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
+    found = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
     path = str(found) if found.exists() else shutil.which("checkov")
-    assert path, "checkov is not installed: .ci/run installs it into .venv-checkov"
+    assert path, "checkov is not installed: .ci/run installs it into .venv/checkov"
     return path
 
 
