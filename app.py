@@ -542,7 +542,8 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
                     name=fleet.worker_name, claims=stores.claims if fleet.shared_queue else None,
                     metrics=metrics, backend="fleet" if fleet.shared_queue else "local")
     admission = Admission(stores.rate, stores.inflight, settings.rate_limit_per_hour, settings.max_jobs_per_user,
-                          finished=lambda rid: (job := stores.jobs.get(rid)) is None or job.finished,
+                          # a job not created yet is in flight (admission runs before the gateway stores it)
+                          finished=lambda rid: (job := stores.jobs.get(rid)) is not None and job.finished,
                           metrics=metrics)
     endpoints = _endpoints(settings)
     local = LocalQueue(worker.handle, settings.queue_max_size)
