@@ -109,6 +109,17 @@ def wait_for_status(client, request_id: str, predicate, timeout: float = 60.0) -
     raise AssertionError(f"timed out; last status {status}")
 
 
+def wait_for_job(jobs, request_id: str, predicate, timeout: float = 90.0):
+    """Polls a job store (e.g. the fleet's Redis) until predicate(job) holds."""
+    deadline, job = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        job = jobs.get(request_id)
+        if job is not None and predicate(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last job {job}")
+
+
 def stop_app(app: RunningApp) -> None:
     app.process.terminate()
     try:

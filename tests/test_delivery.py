@@ -10,20 +10,13 @@ from kafka import KafkaProducer
 
 from inference.request import GenerationRequest
 from queueing.messages import encode_request
+from tests.conftest import wait_for_job
 from tests.test_fleet import _generations, _request, _topic_messages
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def _wait_job(jobs, request_id: str, predicate, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        job = jobs.get(request_id)
-        if job is not None and predicate(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"timed out; last job {job}")
+_wait_job = wait_for_job
 
 
 def _results(fleet, request_id: str) -> list[dict]:

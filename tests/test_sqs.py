@@ -14,6 +14,7 @@ from gradio_client import Client
 
 from inference.request import GenerationRequest
 from queueing.sqs import SqsRequestQueue, ensure_queue
+from tests.conftest import wait_for_job
 from tests.services import S3_KEY, S3_SECRET
 
 pytestmark = pytest.mark.timeout(600)
@@ -41,13 +42,7 @@ def _count(client, url: str) -> int:
 
 
 def _wait_job(jobs, request_id: str, predicate, timeout: float = 120.0):
-    deadline, job = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        job = jobs.get(request_id)
-        if job is not None and predicate(job):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"timed out; job is {job}")
+    return wait_for_job(jobs, request_id, predicate, timeout)
 
 
 def test_worker_killed_mid_job_the_message_comes_back_and_completes_once(sqs_fleet) -> None:
