@@ -304,6 +304,8 @@ class Settings:
     sign_in: bool = False  # "Sign in with Hugging Face": on a Space whose card says hf_oauth: true
     output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
     worker_health_port: int = 8080  # `--worker`'s /healthz, /readyz, /metrics (0: none)
+    zero_gpu: bool = False  # SPACES_ZERO_GPU: Hugging Face's ZeroGPU hardware (inference/zerogpu.py)
+    zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
 
@@ -327,6 +329,8 @@ class Settings:
             server_name=read.str("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=read.int("GRADIO_SERVER_PORT", 7860, minimum=1),
             worker_health_port=read.int("WORKER_HEALTH_PORT", 8080),
+            zero_gpu=read.flag("SPACES_ZERO_GPU", False),
+            zero_gpu_seconds_per_step=read.float("ZEROGPU_SECONDS_PER_STEP", 0.5, minimum=0.01),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
             cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
             cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
@@ -341,6 +345,12 @@ class Settings:
             fleet=FleetSettings.from_env(env),
             remote=RemoteSettings.from_env(env),
         )
+
+    @property
+    def fleet_queue(self) -> str | None:
+        """The fleet's queue this process generates through ("kafka", "sqs"), None for its own. On
+        ZeroGPU a Space generates its own (a GPU call is charged to the visitor who asked)."""
+        return None if self.zero_gpu else self.fleet.shared_queue
 
     @property
     def base_url(self) -> str:
@@ -377,7 +387,10 @@ class Services:
         self.unreachable = check_all(self.endpoints)
         for problem in self.unreachable:
             logger.error("%s", problem)
-        self.pipeline.start_loading()
+        if self.settings.zero_gpu:
+            self.pipeline.load()  # before Gradio's launch, where ZeroGPU packs what was moved to CUDA
+        else:
+            self.pipeline.start_loading()
         self.queue.start()
         for loop in (self.consumer, self.entrance):
             if loop is not None:
@@ -442,9 +455,10 @@ class Services:
                 "device": pipeline.device,
                 "dtype": str(pipeline.dtype).removeprefix("torch."),
                 "load_seconds": pipeline.load_seconds,
+                "zero_gpu": self.settings.zero_gpu,
             },
             "queue": {
-                "kind": self.settings.fleet.shared_queue or "local",
+                "kind": self.settings.fleet_queue or "local",
                 "depth": _safe(self.queue.depth, None),
                 "max_size": self.queue.max_size,
                 "running": bool(self.consumer.busy) if self.consumer else self.queue.running_id is not None,
@@ -452,7 +466,7 @@ class Services:
             "consumer": self.consumer.status.as_dict() if self.consumer else None,
             "entrance": self.entrance.status.as_dict() if self.entrance else None,
             "backends": {
-                "queue": self.settings.fleet.shared_queue or "in-process",
+                "queue": self.settings.fleet_queue or "in-process",
                 "cache": "redis" if self.settings.fleet.redis_url and self.settings.fleet.uses_s3 else "in-memory",
                 "jobs": "redis" if self.settings.fleet.redis_url else "in-memory",
                 "objects": ("s3 with fallback" if self.settings.fleet.uses_fallback_s3 else "s3")
@@ -519,12 +533,16 @@ def build_pipeline(settings: Settings):
     the app and the Cog predictor (deploy/cog/predict.py), so both make the same image."""
     from inference.pipeline import ImagePipeline, LoadOptions, pick_device  # torch: only when building
 
+    # ZeroGPU: the model goes to CUDA at startup (ZeroGPU keeps it packed until a GPU call) and there is
+    # no GPU outside a call, so nothing can warm up before the first request.
+    device = "cuda" if settings.zero_gpu and settings.device == "auto" else settings.device
+    warmup = settings.warmup and not settings.zero_gpu
     preset_name = settings.preset
     if preset_name == "auto":
-        preset_name = DEFAULT_GPU_PRESET if pick_device(settings.device) == "cuda" else DEFAULT_CPU_PRESET
+        preset_name = DEFAULT_GPU_PRESET if pick_device(device) == "cuda" else DEFAULT_CPU_PRESET
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
-    pipeline = ImagePipeline(LoadOptions(preset, identity, settings.device, settings.dtype, settings.warmup))
+    pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup))
     return pipeline, preset, identity
 
 
@@ -534,20 +552,29 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     if problems:
         raise ValueError("; ".join(problems))
     pipeline, preset, identity = build_pipeline(settings)
+    if settings.zero_gpu:
+        from inference.zerogpu import ZeroGPUPipeline
+
+        pipeline = ZeroGPUPipeline(pipeline, settings.zero_gpu_seconds_per_step)
     metrics = Metrics()
     health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
     objects = _object_store(settings, health)
     stores = _stores(settings, health)
+    serves_fleet = settings.fleet_queue is not None
     worker = Worker(pipeline, identity, preset.sampler_label, stores.cache, stores.jobs, objects,
-                    name=fleet.worker_name, claims=stores.claims if fleet.shared_queue else None,
-                    metrics=metrics, backend="fleet" if fleet.shared_queue else "local")
+                    name=fleet.worker_name, claims=stores.claims if serves_fleet else None,
+                    metrics=metrics, backend="fleet" if serves_fleet else "local")
     admission = Admission(stores.rate, stores.inflight, settings.rate_limit_per_hour, settings.max_jobs_per_user,
                           # a job not created yet is in flight (admission runs before the gateway stores it)
                           finished=lambda rid: (job := stores.jobs.get(rid)) is not None and job.finished,
                           metrics=metrics)
     endpoints = _endpoints(settings)
     local = LocalQueue(worker.handle, settings.queue_max_size)
-    if not fleet.shared_queue:
+    if settings.zero_gpu and fleet.shared_queue:
+        # A ZeroGPU call is charged to the visitor who asked: the fleet's queue belongs on CPU workers.
+        logger.warning("ZeroGPU: this Space serves its own UI and API on ZeroGPU and does not consume the "
+                       "fleet's queue (run CPU workers with `python app.py --worker` for it)")
+    if not serves_fleet:
         gateway = Gateway(identity, stores.cache, stores.jobs, objects, local, inflight=worker, metrics=metrics)
         services = Services(settings, pipeline, identity, objects, stores.cache, stores.jobs, worker, local, gateway,
                             health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
@@ -555,9 +582,9 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
         build = _fleet_services if fleet.shared_queue == "kafka" else _sqs_services
         services = build(settings, pipeline, identity, objects, stores, worker, endpoints, health, metrics,
                          admission, local, consume=fleet.kafka_consume or worker_only)
-    if settings.remote.service:
+    if settings.remote.service and not settings.zero_gpu:  # ZeroGPU is this Space's GPU for peaks
         _add_remote(settings, services, stores)
-    if fleet.shared_queue and stores.remote_leases is not None:
+    if serves_fleet and stores.remote_leases is not None:
         from queueing.remote import LeaseRescuer
 
         services.rescuer = LeaseRescuer(stores.remote_leases, stores.jobs, services.queue,
@@ -1026,16 +1053,14 @@ def build_ui(services: Services):
     return demo
 
 
-def build_app(services: Services):
-    """FastAPI app: /healthz, the output folder under /outputs, and the Gradio UI + API at /."""
-    from fastapi import FastAPI
+def _add_service_routes(app, services: Services) -> None:
+    """/healthz, /readyz, /metrics and the output folder under /outputs, next to the Gradio UI + API."""
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST
     from fastapi.staticfiles import StaticFiles
+    from prometheus_client import CONTENT_TYPE_LATEST
 
     output_dir = services.settings.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI()
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -1052,8 +1077,20 @@ def build_app(services: Services):
         return Response(services.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     app.mount("/outputs", StaticFiles(directory=output_dir), name="outputs")
-    return gr.mount_gradio_app(app, build_ui(services), path="/", allowed_paths=[str(output_dir.resolve())],
-                               ssr_mode=False, footer_links=["api", "gradio"])
+
+
+def _gradio_options(services: Services) -> dict[str, Any]:
+    return {"allowed_paths": [str(services.settings.output_dir.resolve())], "ssr_mode": False,
+            "footer_links": ["api", "gradio"]}
+
+
+def build_app(services: Services):
+    """FastAPI app: the service routes, then the Gradio UI + API at /."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    _add_service_routes(app, services)
+    return gr.mount_gradio_app(app, build_ui(services), path="/", **_gradio_options(services))
 
 
 def _exit_when_model_fails(services: Services, server, exit_code: list[int]) -> None:
@@ -1109,6 +1146,31 @@ def serve(services: Services) -> int:
     server.run()
     services.stop()
     return exit_code[0]
+
+
+def serve_zero_gpu(services: Services) -> int:
+    """ZeroGPU mode: served by Gradio's own launch, which is where ZeroGPU hooks its startup (packing the
+    weights moved to CUDA for the GPU calls). The service routes are registered on the app Gradio
+    builds on, ahead of its own routes (its /{page} route would answer /healthz otherwise)."""
+    from gradio.routes import App
+
+    settings = services.settings
+    app = App()
+    _add_service_routes(app, services)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    demo = build_ui(services)
+    demo.launch(server_name=settings.server_name, server_port=settings.server_port, prevent_thread_lock=True,
+                quiet=True, _app=app, **_gradio_options(services))
+    logger.info("serving on ZeroGPU at http://%s:%d (public URL %s)", settings.server_name, settings.server_port,
+                settings.base_url)
+    stop.wait()
+    services.stopping = True  # /healthz says "stopping"; followers polling /status see the final state
+    time.sleep(1.0)
+    demo.close()
+    services.stop()
+    return 0
 
 
 def configure_logging(level: str) -> None:
@@ -1202,10 +1264,16 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     configure_logging(settings.log_level)
+    if args.worker and settings.zero_gpu:
+        logger.error("--worker does not run on ZeroGPU (its GPU is lent per visitor call); unset "
+                     "SPACES_ZERO_GPU for a fleet worker")
+        return 2
     if args.worker and not settings.fleet.shared_queue:
         logger.error("--worker needs KAFKA_BOOTSTRAP_SERVERS or SQS_QUEUE_URL (and REDIS_URL): "
                      "it serves the fleet's queue")
         return 2
+    if settings.zero_gpu:
+        import spaces  # noqa: F401 - before torch: on ZeroGPU hardware it patches torch at import
     try:
         services = build_services(settings, worker_only=args.worker)
     except Exception as error:  # bad configuration (unknown preset...): one line, no traceback
@@ -1213,8 +1281,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.worker:
         return run_worker(services)
-    services.start()
-    return serve(services)
+    try:
+        services.start()
+    except Exception as error:  # ZeroGPU loads the model before serving: a model that cannot load ends here
+        logger.error("%s", services.pipeline.error or error)
+        return 2
+    return serve_zero_gpu(services) if settings.zero_gpu else serve(services)
 
 
 if __name__ == "__main__":

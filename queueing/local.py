@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -19,7 +20,9 @@ class LocalQueue:
     def __init__(self, handler: Callable[[GenerationRequest], None], max_size: int = 16) -> None:
         self._handler = handler
         self.max_size = max_size
-        self._waiting: deque[GenerationRequest] = deque()
+        # Each request runs in the context it was submitted from: on ZeroGPU the GPU call is charged
+        # to the visitor whose Gradio request is in that context.
+        self._waiting: deque[tuple[GenerationRequest, contextvars.Context]] = deque()
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -30,7 +33,7 @@ class LocalQueue:
         with self._changed:
             if len(self._waiting) >= self.max_size:
                 raise QueueFull(f"busy: {len(self._waiting)} requests are already waiting; try again in a minute")
-            self._waiting.append(request)
+            self._waiting.append((request, contextvars.copy_context()))
             self._changed.notify()
 
     def depth(self) -> int:
@@ -42,7 +45,7 @@ class LocalQueue:
         if request_id == self.running_id:
             return 0
         with self._changed:
-            for index, request in enumerate(self._waiting):
+            for index, (request, _) in enumerate(self._waiting):
                 if request.request_id == request_id:
                     return index + 1
         return None
@@ -63,21 +66,22 @@ class LocalQueue:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _next(self) -> GenerationRequest | None:
+    def _next(self) -> tuple[GenerationRequest, contextvars.Context] | None:
         with self._changed:
             while not self._waiting and not self._stop.is_set():
                 self._changed.wait(0.5)
             if self._stop.is_set():
                 return None
-            request = self._waiting.popleft()
+            request, context = self._waiting.popleft()
             self.running_id = request.request_id
-            return request
+            return request, context
 
     def _run(self) -> None:
-        while (request := self._next()) is not None:
+        while (item := self._next()) is not None:
+            request, context = item
             started = time.monotonic()
             try:
-                self._handler(request)
+                context.run(self._handler, request)
             finally:
                 self.running_id = None
                 self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.monotonic() - started)
