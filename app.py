@@ -273,6 +273,12 @@ class RemoteSettings:
         return problems
 
 
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"Config {name!r} has value {value!r}. Choose one of {', '.join(choices)}.")
+    return value
+
+
 def _url_password(url: str | None) -> str | None:
     return urlsplit(url).password if url else None
 
@@ -304,6 +310,8 @@ class Settings:
     sign_in: bool = False  # "Sign in with Hugging Face": on a Space whose card says hf_oauth: true
     output_cache_max_bytes: int = 2 * 1024**3  # local copies of images, least recently used out
     worker_health_port: int = 8080  # `--worker`'s /healthz, /readyz, /metrics (0: none)
+    compile: str = "off"  # COMPILE: on | off (inference/compiled.py; measured no gain yet, so off)
+    compile_cache_dir: Path = Path("~/.cache/crafterse/compile")
     zero_gpu: bool = False  # SPACES_ZERO_GPU: Hugging Face's ZeroGPU hardware (inference/zerogpu.py)
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -329,6 +337,10 @@ class Settings:
             server_name=read.str("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=read.int("GRADIO_SERVER_PORT", 7860, minimum=1),
             worker_health_port=read.int("WORKER_HEALTH_PORT", 8080),
+            compile=_choice("COMPILE", read.str("COMPILE", "off").lower(), ("on", "off")),
+            # /data is a Space's persistent storage (when bought): compiled kernels survive restarts there
+            compile_cache_dir=Path(read.str("COMPILE_CACHE_DIR") or (
+                "/data/compile-cache" if os.access("/data", os.W_OK) else "~/.cache/crafterse/compile")),
             zero_gpu=read.flag("SPACES_ZERO_GPU", False),
             zero_gpu_seconds_per_step=read.float("ZEROGPU_SECONDS_PER_STEP", 0.5, minimum=0.01),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
@@ -456,6 +468,7 @@ class Services:
                 "dtype": str(pipeline.dtype).removeprefix("torch."),
                 "load_seconds": pipeline.load_seconds,
                 "zero_gpu": self.settings.zero_gpu,
+                "compiled": pipeline.compiled.describe() if getattr(pipeline, "compiled", None) else None,
             },
             "queue": {
                 "kind": self.settings.fleet_queue or "local",
@@ -542,7 +555,8 @@ def build_pipeline(settings: Settings):
         preset_name = DEFAULT_GPU_PRESET if pick_device(device) == "cuda" else DEFAULT_CPU_PRESET
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
-    pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup))
+    pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup, settings.compile,
+                                         settings.compile_cache_dir))
     return pipeline, preset, identity
 
 
@@ -1252,10 +1266,23 @@ def run_worker(services: Services) -> int:
     return exit_code
 
 
+def build_compiled(settings: Settings) -> int:
+    pipeline, _, _ = build_pipeline(settings)
+    try:
+        package = pipeline.build_compiled_package()
+    except Exception as error:  # a model that cannot load names its variable (ModelUnavailable)
+        logger.error("%s", error)
+        return 2
+    logger.info("compiled UNet written to %s: every start of this model on this kind of CPU loads it", package)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true",
                         help="run only the Kafka consumer (no UI): a GPU or CPU machine joining the fleet")
+    parser.add_argument("--compile", action="store_true",
+                        help="build the compiled UNet for this model and machine into COMPILE_CACHE_DIR, then exit")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
@@ -1264,6 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     configure_logging(settings.log_level)
+    if args.compile:
+        return build_compiled(settings)
     if args.worker and settings.zero_gpu:
         logger.error("--worker does not run on ZeroGPU (its GPU is lent per visitor call); unset "
                      "SPACES_ZERO_GPU for a fleet worker")

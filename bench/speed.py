@@ -1,7 +1,7 @@
 """CPU/GPU speed of the presets against the original plan's code path, with the hardware floor.
 
     python3 -m bench.speed                       # all configurations (about 15 minutes on 2 vCPUs)
-    python3 -m bench.speed --configs turbo,lightning
+    python3 -m bench.speed --configs turbo,turbo+compiled
     python3 -m bench.speed --device cuda         # the GPU run (fp16, 1024x1024)
 
 Builds full-size SDXL models with random weights once under bench/models/ (the real architectures:
@@ -40,6 +40,7 @@ class Config:
     guidance: float
     plain: bool = False  # the original plan: plain diffusers, float32, full VAE
     tiny_vae: bool = False
+    compiled: bool = False  # the UNet as an AOTInductor package (inference/compiled.py), COMPILE=on
 
     @property
     def unet_batch(self) -> int:
@@ -50,7 +51,9 @@ CPU_CONFIGS = {
     "original": Config("original", "base", 512, 20, 7.5, plain=True),
     "base": Config("base", "base", 512, 20, 7.5),
     "turbo": Config("turbo", "turbo", 512, 1, 0.0, tiny_vae=True),
+    "turbo+compiled": Config("turbo+compiled", "turbo", 512, 1, 0.0, tiny_vae=True, compiled=True),
     "lightning": Config("lightning", "lightning", 1024, 4, 0.0, tiny_vae=True),
+    "lightning+compiled": Config("lightning+compiled", "lightning", 1024, 4, 0.0, tiny_vae=True, compiled=True),
 }
 GPU_CONFIGS = {
     "original": Config("original", "base", 1024, 20, 7.5, plain=True),
@@ -117,6 +120,8 @@ def run_child(config: Config, device: str, runs: int) -> dict:
     started_process = time.time()
     import torch
 
+    compiled = None
+
     models = MODELS
     if config.plain:
         from diffusers import StableDiffusionXLPipeline
@@ -141,9 +146,17 @@ def run_child(config: Config, device: str, runs: int) -> dict:
         preset = get_preset(config.preset)
         vae = str(models / "taesd") if config.tiny_vae else "none"
         identity = ModelIdentity.resolve(preset, str(models / "sdxl"), None, vae)
-        pipeline = ImagePipeline(LoadOptions(preset, identity, device=device, warmup=True))
+        pipeline = ImagePipeline(LoadOptions(preset, identity, device=device, warmup=True,
+                                             compile="on" if config.compiled else "off",
+                                             compile_cache=models / "compile-cache"))
         pipeline.load()
-        ready = time.time()
+        ready = time.time()  # serving (eager) from here
+        if pipeline.compiled is not None:
+            while pipeline.compiled.state in ("eager", "compiling"):
+                time.sleep(0.2)
+            compiled = {**pipeline.compiled.describe(), "after_start_s": time.time() - started_process}
+            if compiled["state"] != "compiled":
+                raise RuntimeError(f"compile failed: {compiled['detail']}")
         request = GenerationRequest.create(PROMPT, preset=config.preset, width=config.size, height=config.size,
                                            steps=config.steps, guidance_scale=config.guidance, seed=0)
 
@@ -159,10 +172,23 @@ def run_child(config: Config, device: str, runs: int) -> dict:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {"config": asdict(config), "dtype": dtype_name.removeprefix("torch."), "seconds": min(times),
               "all_seconds": times, "cold_start_s": ready - started_process, "peak_rss_gb": peak_gb,
-              "png_bytes": len(data)}
+              "png_bytes": len(data), "compiled": compiled}
     if device == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return result
+
+
+def build_compiled_package(config: Config) -> float:
+    """`python app.py --compile` for the config's model (a process holding only the UNet: an in-app
+    build next to the whole pipeline needs more memory than a 24 GB machine has). Seconds, 0 if cached."""
+    env = {**os.environ, "MODEL_ID": str(MODELS / "sdxl"), "TINY_VAE_ID": str(MODELS / "taesd"),
+           "MODEL_PRESET": config.preset, "DEVICE": "cpu", "COMPILE_CACHE_DIR": str(MODELS / "compile-cache")}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "app.py", "--compile"], cwd=BENCH.parent, env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"compile for {config.name} failed:\n{out.stderr[-4000:]}")
+    return time.perf_counter() - started
 
 
 def run_in_subprocess(config: Config, device: str, runs: int) -> dict:
@@ -192,6 +218,11 @@ def main() -> None:
     started = time.perf_counter()
     build_full_sdxl(MODELS)
     print(f"models ready in {time.perf_counter() - started:.0f} s under {MODELS}", flush=True)
+    from inference.compiled import cpu_description
+
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}",
+          flush=True)
     ceilings = {name: gemm_ceiling(name, args.device) for name in ("float32", "bfloat16", "float16")
                 if args.device == "cuda" or name != "float16"}
     print("GEMM ceiling GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()), flush=True)
@@ -200,7 +231,9 @@ def main() -> None:
     for name in names:
         config = table[name]
         runs = args.runs or (3 if config.steps * config.size**2 <= 4 * 512**2 else 1)
+        build_s = build_compiled_package(config) if config.compiled else None
         measured = run_in_subprocess(config, args.device, runs)
+        measured["package_build_s"] = build_s
         flops = count_flops(config)
         ceiling = ceilings[measured["dtype"]]
         measured.update(gflop=flops, floor_s=flops["total"] / ceiling, ceiling_gflops=ceiling)
@@ -214,20 +247,26 @@ def main() -> None:
     print_table(rows, args.device)
     RESULTS.mkdir(exist_ok=True)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
-               "device": args.device, "ceilings_gflops": ceilings}
+               "cpu": cpu, "device": args.device, "ceilings_gflops": ceilings}
     (RESULTS / f"speed-{args.device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 
 def print_table(rows: list[dict], device: str) -> None:
     header = (f"{'config':<10} {'dtype':<9} {'size':>9} {'steps':>5} {'cfg':>4} {'seconds':>8} {'floor s':>8} "
-              f"{'x floor':>7} {'speed-up':>8} {'cold s':>7} {'peak GB':>7}")
+              f"{'x floor':>7} {'speed-up':>8} {'cold s':>7} {'peak GB':>7} {'compiled after s':>16}")
     print(f"\ndevice: {device}\n{header}\n{'-' * len(header)}")
     for r in rows:
         c = r["config"]
         speedup = f"{r['speedup_vs_original']:.2f}x" if r["speedup_vs_original"] else "-"
         print(f"{c['name']:<10} {r['dtype']:<9} {c['size']:>4}x{c['size']:<4} {c['steps']:>5} {c['guidance']:>4g} "
               f"{r['seconds']:>8.2f} {r['floor_s']:>8.2f} {r['ratio_to_floor']:>7.2f} {speedup:>8} "
-              f"{r['cold_start_s']:>7.1f} {r['peak_rss_gb']:>7.1f}")
+              f"{r['cold_start_s']:>7.1f} {r['peak_rss_gb']:>7.1f} {_compiled_cell(r.get('compiled')):>16}")
+
+
+def _compiled_cell(compiled: dict | None) -> str:
+    if not compiled:
+        return "-"
+    return f"{compiled['after_start_s']:.0f} ({compiled['source']})"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ import pytest
 from tests.sdxl_builder import build_tiny_sdxl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The UNet compile (COMPILE=on) would run in the background of every app started, and on a 2-vCPU
+# runner slow every other test; it is off by default, and kept off here should a runner's environment
+# turn it on. Its own tests (tests/test_compiled.py) turn it on.
+os.environ["COMPILE"] = "off"
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 
 
