@@ -1,4 +1,5 @@
-"""The only module that imports torch and diffusers: load once, generate with progress and cancel."""
+"""Load once, generate with progress and cancel. With compiled.py (which it imports lazily), the only
+module that imports torch and diffusers."""
 
 from __future__ import annotations
 
