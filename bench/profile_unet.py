@@ -6,7 +6,7 @@ Full-size UNet with random weights (bench/models), bf16, batch 1 (turbo/lightnin
 guidance). Prints the CPU and its matrix units, then for each variant the step time and the ops that
 take it, grouped into linear (addmm/mm/linear), convolution, attention, normalisation, copies and the
 rest, with their share of the step. The compiled variant is `inference.compiled.CompiledUNet`, exactly
-what the app runs (its cache under bench/models/compile-cache).
+what the app runs (the package bench.speed's turbo+compiled row built, under bench/models/compile-cache).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main() -> None:
     eager_step, eager_shares = profile(unet, call_args, call_kwargs, args.top)
     print(f"  step {eager_step:.3f} s; " + ", ".join(f"{g} {s:.0%}" for g, s in eager_shares))
 
-    cache = compile_cache_dir(MODELS / "compile-cache", "bench/models/sdxl", torch.bfloat16)
+    # The folder bench.speed's turbo+compiled row fills (the app's key for this model): loaded, not rebuilt.
+    cache = compile_cache_dir(MODELS / "compile-cache", f"{MODELS / 'sdxl'}@main unet=", torch.bfloat16)
     compiled = CompiledUNet(unet, cache, latent_size=(args.size // 8, args.size // 8))
     with torch.inference_mode():
         unet(*call_args, **call_kwargs)  # the template the compile uses (the warm-up's role in the app)
