@@ -227,7 +227,10 @@ def test_replicate_token_never_reaches_health_or_logs(tiny_model, tmp_path) -> N
 def test_a_stopping_space_hands_its_remote_work_to_the_fleet(fleet, cog_server) -> None:
     app = _gateway(fleet, cog_server, OVERFLOW_AFTER_SECONDS="0")
     client = Client(app.url, verbose=False)
-    request_id = client.predict(prompt="a forge left at closing time", seed=6, request_id="", **SLOW,
+    # Long enough that the prediction is still running when the stop reaches it (SLOW took 4 s on an AMX
+    # runner and finished during the drain: a correct outcome, but not the one under test).
+    longest = {**SLOW, "width": 1024, "height": 1024, "steps": 50}
+    request_id = client.predict(prompt="a forge left at closing time", seed=6, request_id="", **longest,
                                 api_name="/submit")
     wait_for_status(client, request_id, lambda s: s["state"] == "running" and s["worker"] == "remote:cog")
     app.process.terminate()
