@@ -180,7 +180,8 @@ def run_child(config: Config, device: str, runs: int) -> dict:
 
 def build_compiled_package(config: Config) -> float:
     """`python app.py --compile` for the config's model (a process holding only the UNet: an in-app
-    build next to the whole pipeline needs more memory than a 24 GB machine has). Seconds, 0 if cached."""
+    build next to the whole pipeline needs more memory than a 24 GB machine has). Seconds the process took
+    (only its model load when the package is already in the cache)."""
     env = {**os.environ, "MODEL_ID": str(MODELS / "sdxl"), "TINY_VAE_ID": str(MODELS / "taesd"),
            "MODEL_PRESET": config.preset, "DEVICE": "cpu", "COMPILE_CACHE_DIR": str(MODELS / "compile-cache")}
     started = time.perf_counter()

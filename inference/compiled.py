@@ -183,7 +183,10 @@ class CompiledUNet:
         self.state, self.detail = "compiling", f"package {package}"
         started = time.perf_counter()
         if self.source == "built":
-            self._build_package(package, args, kwargs, lock)
+            # Export swaps the module's parameters for fake ones while it traces: no generation meanwhile
+            # (seconds; the compile after it, minutes, works on the exported copy and holds nothing).
+            with lock:
+                build_package(self.unet, args, kwargs, package)
         runner = torch._inductor.aoti_load_package(str(package))
         with torch.inference_mode():
             runner(*args, **kwargs)  # the first call sets up oneDNN's primitives
@@ -205,15 +208,9 @@ class CompiledUNet:
         if available is None or available >= needed:
             return None
         how = ("" if package.exists() else
-               f"; build it where memory allows with `python -m inference.compiled` and copy {self.cache_dir}")
+               f"; build it where memory allows with `python app.py --compile` and copy {self.cache_dir}")
         return (f"needs {needed / 1024**3:.1f} GB free for the {'load' if package.exists() else 'build'}, "
                 f"{available / 1024**3:.1f} GB are{how}")
-
-    def _build_package(self, package: Path, args: tuple, kwargs: dict, lock: threading.Lock) -> None:
-        # Export swaps the module's parameters for fake ones while it traces: no generation meanwhile
-        # (seconds; the compile after it, minutes, works on the exported copy and holds nothing).
-        with lock:
-            build_package(self.unet, args, kwargs, package)
 
     def describe(self) -> dict[str, Any]:
         return {"state": self.state, "detail": self.detail, "source": self.source,

@@ -38,11 +38,10 @@ class LoadOptions:
 def cpu_supports_bf16() -> bool:
     """Native bf16 matmuls (AVX512-BF16 or AMX) make bf16 about twice as fast as fp32 on CPU;
     without them bf16 is emulated and slower, so fp32 is the better choice there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from inference.compiled import cpu_description
+
+    units = cpu_description()["matrix_units"]
+    return "avx512_bf16" in units or "amx_bf16" in units
 
 
 def pick_device(requested: str) -> str:
