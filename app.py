@@ -32,7 +32,7 @@ from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
 from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
 from queueing.admission import Admission, Caller, identify, may_see, scoped_request_id
-from queueing.connectivity import check_all, kafka_endpoints, url_endpoint
+from queueing.connectivity import check_all, kafka_endpoints, redis_endpoints, url_endpoint
 from queueing.gateway import FallbackQueue, Gateway
 from queueing.metrics import Metrics
 from queueing.local import LocalQueue
@@ -757,7 +757,7 @@ def _endpoints(settings: Settings) -> list:
     if fleet.kafka_bootstrap_servers:
         endpoints += kafka_endpoints(fleet.kafka_bootstrap_servers)
     if fleet.redis_url:
-        endpoints.append(url_endpoint("Redis", fleet.redis_url, 6379))
+        endpoints += redis_endpoints(fleet.redis_url)
     if fleet.uses_s3:
         endpoints.append(url_endpoint("R2/S3", fleet.s3_endpoint_url, 80))
     if fleet.uses_fallback_s3:

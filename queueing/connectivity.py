@@ -25,6 +25,15 @@ def kafka_endpoints(bootstrap_servers: str) -> list[Endpoint]:
     return endpoints
 
 
+def redis_endpoints(url: str) -> list[Endpoint]:
+    """Every node a Redis URL names: one, or several in a cluster URL (`redis+cluster://h1:p1,h2:p2/0`)."""
+    from storage.redis_store import split_cluster_url
+
+    first_node_url, other_nodes = split_cluster_url(url)
+    return [url_endpoint("Redis", first_node_url, 6379)] + [Endpoint("Redis", node.host, node.port)
+                                                            for node in other_nodes]
+
+
 def url_endpoint(name: str, url: str, default_port: int) -> Endpoint:
     """Host and port only: the user, password and path of the URL never leave this function."""
     parts = urlsplit(url)

@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
+from redis.cluster import ClusterNode
 
 from storage.jobs import Job
 from storage.keys import inflight_key, job_channel, job_key, result_key, worker_key
@@ -26,19 +28,38 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def redis_client(url: str, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
-    """A single Redis, or a Redis Cluster (cluster=True or a redis+cluster:// URL naming any one node).
-    Every store works on both: each Lua script and WATCH transaction touches one key, and keys read
-    together share a hash tag (storage.keys). Short timeouts: a Redis that hangs must cost seconds, not
-    tens of them (the circuit breaker in storage.resilient then skips it for a while)."""
+    """A single Redis, or a Redis Cluster (cluster=True or a redis+cluster:// URL). A cluster URL may
+    name several nodes, `redis+cluster://[user:password@]host1:port1,host2:port2/0`: the client needs one
+    live node to discover the others, so naming more than one survives the loss of the first. Every store
+    works on both: each Lua script and WATCH transaction touches one key, and keys read together share a
+    hash tag (storage.keys). Short timeouts: a Redis that hangs must cost seconds, not tens of them (the
+    circuit breaker in storage.resilient then skips it for a while)."""
     from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.retry import Retry
 
     options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
     if cluster or url.startswith(CLUSTER_SCHEMES):
+        first_node_url, other_nodes = split_cluster_url(url.replace("+cluster://", "://", 1))
         # A failover moves slots: retries with backoff let the client find the promoted replica.
-        return redis.RedisCluster.from_url(url.replace("+cluster://", "://", 1),
+        return redis.RedisCluster.from_url(first_node_url, startup_nodes=other_nodes,
                                            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 6), **options)
     return redis.Redis.from_url(url, health_check_interval=30, retry=Retry(NoBackoff(), 1), **options)
+
+
+def split_cluster_url(url: str) -> tuple[str, list[ClusterNode]]:
+    """`redis://[credentials@]h1:p1,h2:p2/0` -> (`redis://[credentials@]h1:p1/0`, [ClusterNode(h2, p2)]):
+    redis-py parses one host per URL; the credentials and options of the URL apply to every node."""
+    scheme, _, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    first, *others = [host.strip() for host in hosts.split(",") if host.strip()] or [""]
+    nodes = []
+    for host in others:
+        parsed = urlsplit(f"//{host}")
+        if not parsed.hostname:
+            raise ValueError(f"REDIS_URL: {host!r} is not a host[:port] of the cluster")
+        nodes.append(ClusterNode(parsed.hostname, parsed.port or 6379))
+    return f"{scheme}://{credentials}{at}{first}{slash}{tail}", nodes
 
 
 class RedisResultCache:

@@ -346,7 +346,15 @@ class RedisClusterServer:
                        check=True, capture_output=True, timeout=60)
         self.wait_healthy()
         self._wait_replicas_in_sync()
-        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+
+    @property
+    def url(self) -> str:
+        """Every node of the cluster, as a fleet names several startup nodes: any one that still lives
+        lets a client find the others, so a test that killed one still connects."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/0"
+
+    def live_ports(self) -> list[int]:
+        return [port for port, process in self.processes.items() if process.poll() is None]
 
     def _wait_replicas_in_sync(self, timeout: float = 60.0) -> None:
         """Each master has its replica online: only a replica that synced can take over."""
@@ -368,7 +376,7 @@ class RedisClusterServer:
         """Every live node says cluster_state:ok and every slot has a live master."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            alive = [p for p, process in self.processes.items() if process.poll() is None]
+            alive = self.live_ports()
             if all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in alive):
                 return
             time.sleep(0.25)
@@ -376,8 +384,9 @@ class RedisClusterServer:
 
     def master_of(self, key: str) -> int:
         """The port of the master serving key's slot."""
-        slot = self._cli(self.ports[0], "cluster", "keyslot", key).strip()
-        for line in self._cli(self.ports[0], "cluster", "nodes").splitlines():
+        alive = self.live_ports()[0]
+        slot = self._cli(alive, "cluster", "keyslot", key).strip()
+        for line in self._cli(alive, "cluster", "nodes").splitlines():
             fields = line.split()
             if "master" in fields[2] and "fail" not in fields[2]:
                 for slot_range in fields[8:]:
@@ -394,7 +403,7 @@ class RedisClusterServer:
         """Kill the master on port and wait until its replica serves its slots (the others marked it
         failed after the node timeout, and elected the replica)."""
         self.kill(port)
-        alive = next(p for p, process in self.processes.items() if process.poll() is None)
+        alive = self.live_ports()[0]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             nodes = self._cli(alive, "cluster", "nodes").splitlines()

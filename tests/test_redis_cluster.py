@@ -11,12 +11,15 @@ import urllib.request
 import uuid
 
 import pytest
+import redis
 from gradio_client import Client
 
 from storage.jobs import Job
 from storage.keys import job_key
 from storage.limits import RedisInflightLimit, RedisRateLimiter
-from storage.redis_store import RedisClaims, RedisFleet, RedisJobStore, RedisResultCache, redis_client
+from queueing.connectivity import redis_endpoints
+from storage.redis_store import (RedisClaims, RedisFleet, RedisJobStore, RedisResultCache, redis_client,
+                                 split_cluster_url)
 from tests.conftest import start_app, stop_app
 from tests.services import RedisClusterServer
 
@@ -67,7 +70,8 @@ def test_every_store_works_on_a_cluster_through_a_master_failover(cluster) -> No
     fleet.beat("w1", {"preset": "turbo"})
     time.sleep(1.0)  # replication to the replicas is asynchronous (well under a second here)
 
-    cluster.fail_over(cluster.master_of(job_key(ns, "r1")))  # killed; its replica takes over
+    killed = cluster.master_of(job_key(ns, "r1"))
+    cluster.fail_over(killed)  # killed; its replica takes over
 
     assert _eventually(lambda: jobs.get("r1")).state == "running"
     assert _eventually(lambda: jobs.update("r1", state="done")).state == "done"
@@ -78,8 +82,14 @@ def test_every_store_works_on_a_cluster_through_a_master_failover(cluster) -> No
     claims.release("fp-1", "r1@w1")
     assert claims.claim("fp-1", "r2@w2") is None
 
-    flag = redis_client(cluster.url.replace("redis+cluster://", "redis://"), cluster=True)  # REDIS_CLUSTER=1
+    alive = cluster.live_ports()[0]
+    flag = redis_client(f"redis://127.0.0.1:{alive}/0", cluster=True)  # REDIS_CLUSTER=1, one node named
     assert type(flag).__name__ == "RedisCluster" and flag.get(f"{ns}:nothing") is None
+    # A URL whose first node is the dead one: the client discovers the cluster through the next one.
+    dead_first = redis_client(f"redis+cluster://127.0.0.1:{killed},127.0.0.1:{alive}/0")
+    assert _eventually(lambda: json.loads(dead_first.get(job_key(ns, "r1")))["state"]) == "done"
+    with pytest.raises(redis.exceptions.RedisClusterException):  # no live node named: a clear refusal
+        redis_client(f"redis+cluster://127.0.0.1:{killed}/0")
 
 
 def test_the_app_keeps_its_jobs_on_a_cluster(cluster, tiny_model, tmp_path) -> None:
@@ -95,3 +105,14 @@ def test_the_app_keeps_its_jobs_on_a_cluster(cluster, tiny_model, tmp_path) -> N
         assert json.loads(job)["state"] == "done"
     finally:
         stop_app(app)
+
+
+def test_a_cluster_url_names_several_startup_nodes_and_keeps_its_credentials_out_of_health() -> None:
+    first, others = split_cluster_url("rediss://default:s3cret@redis-0:7000, redis-1:7001,[::1]/0?ssl_cert_reqs=none")
+    assert first == "rediss://default:s3cret@redis-0:7000/0?ssl_cert_reqs=none"
+    assert [(node.host, node.port) for node in others] == [("redis-1", 7001), ("::1", 6379)]
+    endpoints = redis_endpoints("redis+cluster://default:s3cret@redis-0:7000,redis-1:7001/0")
+    assert [(e.host, e.port) for e in endpoints] == [("redis-0", 7000), ("redis-1", 7001)]
+    assert "s3cret" not in repr(endpoints)
+    with pytest.raises(ValueError, match="host"):
+        split_cluster_url("redis://a:1,:bad/0")
