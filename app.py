@@ -314,6 +314,7 @@ class Settings:
     compile_cache_dir: Path = Path("~/.cache/crafterse/compile")
     zero_gpu: bool = False  # SPACES_ZERO_GPU: Hugging Face's ZeroGPU hardware (inference/zerogpu.py)
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
+    mcp_server: bool = True  # MCP_SERVER: the API endpoints as MCP tools at /gradio_api/mcp/ (for agents)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
 
@@ -343,6 +344,7 @@ class Settings:
                 "/data/compile-cache" if os.access("/data", os.W_OK) else "~/.cache/crafterse/compile")),
             zero_gpu=read.flag("SPACES_ZERO_GPU", False),
             zero_gpu_seconds_per_step=read.float("ZEROGPU_SECONDS_PER_STEP", 0.5, minimum=0.01),
+            mcp_server=read.flag("MCP_SERVER", True),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
             cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
             cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
@@ -794,6 +796,15 @@ def caller_of(request: gr.Request | None, profile: gr.OAuthProfile | None, trust
 FOLLOW_POLL_SECONDS = 0.25
 
 
+def not_an_mcp_tool(fn):
+    """Keeps an API endpoint out of the MCP tool list. Gradio's MCP bridge lists every public endpoint
+    except functions whose `_mcp_type` is not "tool" (the mark its gr.mcp.resource/prompt decorators
+    set); /generate returns three outputs, one a gr.State, which the bridge cannot hand back, so agents
+    get generate_image instead (tests/test_mcp.py checks the list)."""
+    fn._mcp_type = "api-only"
+    return fn
+
+
 class Handlers:
     """The functions behind the UI events and API endpoints. Errors become gr.Error here, at the edge.
     Waiting is asynchronous: a user waiting minutes for an image holds no server thread."""
@@ -837,6 +848,7 @@ class Handlers:
             self.admission.release(caller, request.request_id)
         return job
 
+    @not_an_mcp_tool
     async def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                        request: gr.Request, profile: gr.OAuthProfile | None = None,
                        progress=gr.Progress()) -> AsyncIterator[tuple]:
@@ -876,6 +888,29 @@ class Handlers:
         image = await anyio.to_thread.run_sync(self._image_file, result)
         yield image, result, job.request_id
 
+    async def generate_image(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                             request: gr.Request, profile: gr.OAuthProfile | None = None,
+                             progress=gr.Progress()) -> str:
+        """Generate one game-art image for Crafterse and return it (with its URL). The same request
+        (prompt, settings and seed) returns the same image, from the cache. To queue without waiting, or
+        to get the seed and timings, use submit and then status.
+
+        Args:
+            prompt: what to draw, up to 2000 characters, e.g. "a mossy stone golem, game item icon".
+            negative_prompt: what to avoid; may be empty.
+            preset: the preset this Space serves (the only allowed value is listed).
+            width: image width in pixels, a multiple of 8 in 256..2048 (the preset's native size is best).
+            height: image height in pixels, a multiple of 8 in 256..2048.
+            steps: denoising steps, 1..the preset's maximum (turbo: 1, lightning: 4).
+            guidance_scale: classifier-free guidance, 0..20 (0 for turbo and lightning).
+            seed: -1 derives the seed from the other fields (same request, same image), else 0..4294967295.
+        """
+        image = None
+        async for image, _, _ in self.generate(prompt, negative_prompt, preset, width, height, steps,
+                                               guidance_scale, seed, request, profile, progress):
+            pass  # the last value is the finished image; failures raise gr.Error with the reason
+        return image
+
     async def _follow(self, job: Job) -> AsyncIterator[Job]:
         """Yields the job whenever it changes, until it finishes or the request times out. Each look is
         one quick read in a worker thread; the wait between looks holds nothing."""
@@ -911,9 +946,17 @@ class Handlers:
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                request_id: str | None = None, request: gr.Request = None,
                profile: gr.OAuthProfile | None = None) -> str:
-        """Queue a request without waiting; returns its request id for /status and /cancel.
+        """Queue a request without waiting; returns its request id for status and cancel.
 
         Args:
+            prompt: what to draw, up to 2000 characters.
+            negative_prompt: what to avoid; may be empty.
+            preset: the preset this Space serves.
+            width: image width, a multiple of 8 in 256..2048.
+            height: image height, a multiple of 8 in 256..2048.
+            steps: denoising steps, 1..the preset's maximum.
+            guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
+            seed: -1 derives the seed from the other fields, else 0..4294967295.
             request_id: optional idempotency key of your own (up to 112 characters of letters, digits
                 and . _ : -): resubmitting it returns the same job; it is scoped to you, so others'
                 ids never clash with yours. Empty: a new random id.
@@ -940,12 +983,21 @@ class Handlers:
                                           "or expired after a day)")), title="Unknown request")
 
     def status(self, request_id: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
-        """State, progress, queue position and, once done, the result of one of your requests."""
+        """State, progress, queue position and, once done, the result (image URL, seed, timings) of one
+        of your requests.
+
+        Args:
+            request_id: the id submit returned (or the one you chose).
+        """
         caller = self._caller(request, profile)
         return self._public(self.gateway.status(self._visible_job(request_id, caller)), request_id)
 
     def cancel(self, request_id: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
-        """Cancel one of your requests (a running one stops at its next step)."""
+        """Cancel one of your requests (a running one stops at its next step); returns its status.
+
+        Args:
+            request_id: the id submit returned (or the one you chose).
+        """
         caller = self._caller(request, profile)
         return self._public(self.gateway.cancel(self._visible_job(request_id, caller)), request_id)
 
@@ -1053,6 +1105,10 @@ def build_ui(services: Services):
         cancel_btn.click(handlers.cancel_current, request_state, job_info, api_name="cancel_current",
                          api_visibility="private")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
+        # The endpoint for agents (MCP) and any client that wants only the image: one output.
+        agent_image = gr.Image(type="filepath", format="png", visible=False)
+        gr.Button(visible=False).click(handlers.generate_image, inputs, agent_image, api_name="generate_image",
+                                       concurrency_limit=None)
         submit_btn.click(handlers.submit, inputs + [request_id], request_id, api_name="submit")
         status_btn.click(handlers.status, request_id, job_info, api_name="status")
         cancel_id_btn.click(handlers.cancel, request_id, job_info, api_name="cancel")
@@ -1094,8 +1150,11 @@ def _add_service_routes(app, services: Services) -> None:
 
 
 def _gradio_options(services: Services) -> dict[str, Any]:
+    # The MCP tools are the named API endpoints (generate, submit, status, cancel), described by the
+    # handlers' docstrings; Gradio's MCP server calls them through the same API, so every admission rule
+    # (identity from the proxy hop, rate and in-flight limits, request id scoping) applies to agents too.
     return {"allowed_paths": [str(services.settings.output_dir.resolve())], "ssr_mode": False,
-            "footer_links": ["api", "gradio"]}
+            "footer_links": ["api", "gradio"], "mcp_server": services.settings.mcp_server}
 
 
 def build_app(services: Services):
@@ -1104,7 +1163,22 @@ def build_app(services: Services):
 
     app = FastAPI()
     _add_service_routes(app, services)
-    return gr.mount_gradio_app(app, build_ui(services), path="/", **_gradio_options(services))
+    demo = build_ui(services)
+    app = gr.mount_gradio_app(app, demo, path="/", **_gradio_options(services))
+    if demo.mcp_server_obj is not None:
+        # Gradio's MCP bridge runs each tool call through a gradio Client on this URL. Without it (only
+        # demo.launch sets it) the bridge builds the URL from the first caller's X-Forwarded-Host and
+        # keeps it: one hostile header would send every later caller's tool calls, headers included,
+        # to a host of the attacker's choosing. The loopback is always this very server.
+        demo.mcp_server_obj._local_url = _loopback_url(services.settings)
+    return app
+
+
+def _loopback_url(settings: Settings) -> str:
+    host = settings.server_name
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.server_port}/"
 
 
 def _exit_when_model_fails(services: Services, server, exit_code: list[int]) -> None:

@@ -47,3 +47,14 @@ def test_bad_input_shows_an_error_naming_the_field(browser, app_server, artifact
     page.locator("#generate").click()
     page.get_by_text("width: must be a multiple of 8").first.wait_for(timeout=20_000)
     page.screenshot(path=str(artifacts / "invalid-input.png"), full_page=True)
+
+
+def test_the_page_shows_how_to_connect_an_agent(browser, app_server, artifacts) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.get_by_text("Use via API or MCP").first.click()
+    page.get_by_text("MCP", exact=True).first.click()  # the API panel's MCP tab
+    page.get_by_text(f"{app_server.url}/gradio_api/mcp/").first.wait_for(timeout=20_000)
+    for tool in ("generate_image", "submit", "status", "cancel"):
+        page.get_by_text(tool, exact=True).first.wait_for(timeout=10_000)
+    page.screenshot(path=str(artifacts / "mcp.png"), full_page=True)
