@@ -314,6 +314,7 @@ class Settings:
     compile_cache_dir: Path = Path("~/.cache/crafterse/compile")
     zero_gpu: bool = False  # SPACES_ZERO_GPU: Hugging Face's ZeroGPU hardware (inference/zerogpu.py)
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
+    batch_max_requests: int = 16  # BATCH_MAX_REQUESTS: requests per /submit_batch call
     mcp_server: bool = True  # MCP_SERVER: the API endpoints as MCP tools at /gradio_api/mcp/ (for agents)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
@@ -345,6 +346,7 @@ class Settings:
             zero_gpu=read.flag("SPACES_ZERO_GPU", False),
             zero_gpu_seconds_per_step=read.float("ZEROGPU_SECONDS_PER_STEP", 0.5, minimum=0.01),
             mcp_server=read.flag("MCP_SERVER", True),
+            batch_max_requests=read.int("BATCH_MAX_REQUESTS", 16, minimum=1),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
             cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
             cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
@@ -967,6 +969,91 @@ class Handlers:
         self._submit(generation, caller, chosen=bool((request_id or "").strip()))
         return (request_id or "").strip() or generation.request_id
 
+    BATCH_FIELDS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed",
+                    "request_id")
+
+    def submit_batch(self, requests: list, request: gr.Request = None,
+                     profile: gr.OAuthProfile | None = None) -> list[dict]:
+        """Queue several requests in one call without waiting (the backend's batch); wait for them with
+        wait_all. Every request is validated first: one invalid request refuses the whole batch, with
+        its index and field named, and nothing is queued. Then each is admitted like a single submit
+        (rate and in-flight limits count every request), so the answer has one entry per request, in
+        order: {"request_id": ...} when queued (or already known under that id), else {"error": ...}.
+
+        Args:
+            requests: a list of up to BATCH_MAX_REQUESTS objects with the fields of submit (prompt;
+                optional negative_prompt, preset, width, height, steps, guidance_scale, seed, request_id;
+                missing ones take the preset's defaults).
+        """
+        caller = self._caller(request, profile)
+        generations = [self._batch_request(caller, index, item) for index, item in enumerate(self._batch(requests))]
+        outcomes = []
+        for generation, item in zip(generations, requests):
+            chosen = (item.get("request_id") or "").strip()
+            try:
+                self._submit(generation, caller, chosen=bool(chosen))
+                outcomes.append({"request_id": chosen or generation.request_id})
+            except gr.Error as error:  # refused by a limit or a full queue: this one only
+                outcomes.append({"error": f"{error.title}: {error.message}", "request_id": chosen or None})
+        return outcomes
+
+    def _batch(self, requests: Any) -> list[dict]:
+        limit = self.services.settings.batch_max_requests
+        if not isinstance(requests, list) or not requests:
+            raise gr.Error("requests: must be a non-empty list of request objects", title="Invalid input")
+        if len(requests) > limit:
+            raise gr.Error(f"requests: at most {limit} per batch (BATCH_MAX_REQUESTS), got {len(requests)}",
+                           title="Invalid input")
+        return requests
+
+    def _batch_request(self, caller: Caller, index: int, item: Any) -> GenerationRequest:
+        if not isinstance(item, dict):
+            raise gr.Error(f"requests[{index}]: must be an object with the fields of submit", title="Invalid input")
+        unknown = sorted(set(item) - set(self.BATCH_FIELDS))
+        if unknown:
+            raise gr.Error(f"requests[{index}]: unknown field(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(self.BATCH_FIELDS)}", title="Invalid input")
+        values = {name: item.get(name) for name in self.BATCH_FIELDS}
+        values["preset"] = values["preset"] or self.services.identity.preset
+        values["negative_prompt"] = values["negative_prompt"] or ""
+        try:
+            return self._request(caller, **values)
+        except gr.Error as error:
+            raise gr.Error(f"requests[{index}].{error.message}", title="Invalid input") from None
+
+    async def wait_all(self, request_ids: list, timeout_seconds: float = 60.0, request: gr.Request = None,
+                       profile: gr.OAuthProfile | None = None) -> dict[str, dict]:
+        """Wait until every one of your requests has finished (done, failed or cancelled), or the timeout
+        passes; returns each one's status keyed by its id (check each "state": a request still queued
+        or running at the timeout is returned as it is).
+
+        Args:
+            request_ids: the ids submit or submit_batch returned (or the ones you chose).
+            timeout_seconds: how long to wait at most, 0..REQUEST_TIMEOUT_SECONDS.
+        """
+        caller = self._caller(request, profile)
+        if not isinstance(request_ids, list) or not all(isinstance(rid, str) for rid in request_ids):
+            raise gr.Error("request_ids: must be a list of request id strings", title="Invalid input")
+        try:
+            timeout = float(timeout_seconds)
+        except (TypeError, ValueError):
+            raise gr.Error(f"timeout_seconds: must be a number, got {timeout_seconds!r}", title="Invalid input") \
+                from None
+        if not 0 <= timeout <= self.services.settings.request_timeout_seconds:
+            raise gr.Error(f"timeout_seconds: must be in 0..{self.services.settings.request_timeout_seconds:.0f}, "
+                           f"got {timeout_seconds}", title="Invalid input")
+        internal = {rid: self._visible_job(rid, caller) for rid in dict.fromkeys(request_ids)}
+        deadline = time.monotonic() + timeout
+        while not await anyio.to_thread.run_sync(self._all_finished, list(internal.values())):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        return {rid: self._public(self.gateway.status(internal[rid]), rid) for rid in internal}
+
+    def _all_finished(self, internal_ids: list[str]) -> bool:
+        jobs = [self.services.jobs.get(internal_id) for internal_id in internal_ids]
+        return all(job is None or job.finished for job in jobs)  # None: expired meanwhile, nothing to wait for
+
     def _visible_job(self, request_id: str, caller: Caller) -> str:
         """The internal id of the caller's job named request_id (their own chosen id, or a generated id
         they hold). Someone else's private job is answered exactly like an unknown one."""
@@ -1110,6 +1197,11 @@ def build_ui(services: Services):
         gr.Button(visible=False).click(handlers.generate_image, inputs, agent_image, api_name="generate_image",
                                        concurrency_limit=None)
         submit_btn.click(handlers.submit, inputs + [request_id], request_id, api_name="submit")
+        # The backend's batch: API (and MCP) only, no widgets.
+        gr.Button(visible=False).click(handlers.submit_batch, gr.JSON(visible=False), gr.JSON(visible=False),
+                                       api_name="submit_batch")
+        gr.Button(visible=False).click(handlers.wait_all, [gr.JSON(visible=False), gr.Number(60, visible=False)],
+                                       gr.JSON(visible=False), api_name="wait_all", concurrency_limit=None)
         status_btn.click(handlers.status, request_id, job_info, api_name="status")
         cancel_id_btn.click(handlers.cancel, request_id, job_info, api_name="cancel")
         # Liveness through Gradio's own queue (monitors; the benchmark's no-op baseline). Undocumented.
