@@ -312,6 +312,7 @@ class Settings:
     worker_health_port: int = 8080  # `--worker`'s /healthz, /readyz, /metrics (0: none)
     compile: str = "off"  # COMPILE: on | off (inference/compiled.py; measured no gain yet, so off)
     compile_cache_dir: Path = Path("~/.cache/crafterse/compile")
+    prepack: str = "auto"  # PREPACK: auto | on | off (inference/prepack.py; auto: on AMX CPUs)
     zero_gpu: bool = False  # SPACES_ZERO_GPU: Hugging Face's ZeroGPU hardware (inference/zerogpu.py)
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
     batch_max_requests: int = 16  # BATCH_MAX_REQUESTS: requests per /submit_batch call
@@ -340,6 +341,7 @@ class Settings:
             server_port=read.int("GRADIO_SERVER_PORT", 7860, minimum=1),
             worker_health_port=read.int("WORKER_HEALTH_PORT", 8080),
             compile=_choice("COMPILE", read.str("COMPILE", "off").lower(), ("on", "off")),
+            prepack=_choice("PREPACK", read.str("PREPACK", "auto").lower(), ("auto", "on", "off")),
             # /data is a Space's persistent storage (when bought): compiled kernels survive restarts there
             compile_cache_dir=Path(read.str("COMPILE_CACHE_DIR") or (
                 "/data/compile-cache" if os.access("/data", os.W_OK) else "~/.cache/crafterse/compile")),
@@ -473,6 +475,7 @@ class Services:
                 "load_seconds": pipeline.load_seconds,
                 "zero_gpu": self.settings.zero_gpu,
                 "compiled": pipeline.compiled.describe() if getattr(pipeline, "compiled", None) else None,
+                "prepacked": getattr(pipeline, "prepacked", None),
             },
             "queue": {
                 "kind": self.settings.fleet_queue or "local",
@@ -560,7 +563,7 @@ def build_pipeline(settings: Settings):
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup, settings.compile,
-                                         settings.compile_cache_dir))
+                                         settings.compile_cache_dir, settings.prepack))
     return pipeline, preset, identity
 
 

@@ -41,6 +41,7 @@ class Config:
     plain: bool = False  # the original plan: plain diffusers, float32, full VAE
     tiny_vae: bool = False
     compiled: bool = False  # the UNet as an AOTInductor package (inference/compiled.py), COMPILE=on
+    prepack: str = "off"  # PREPACK: the UNet's linears on oneDNN-packed weights (inference/prepack.py)
 
     @property
     def unet_batch(self) -> int:
@@ -51,8 +52,11 @@ CPU_CONFIGS = {
     "original": Config("original", "base", 512, 20, 7.5, plain=True),
     "base": Config("base", "base", 512, 20, 7.5),
     "turbo": Config("turbo", "turbo", 512, 1, 0.0, tiny_vae=True),
+    "turbo+prepack": Config("turbo+prepack", "turbo", 512, 1, 0.0, tiny_vae=True, prepack="on"),
     "turbo+compiled": Config("turbo+compiled", "turbo", 512, 1, 0.0, tiny_vae=True, compiled=True),
     "lightning": Config("lightning", "lightning", 1024, 4, 0.0, tiny_vae=True),
+    "lightning+prepack": Config("lightning+prepack", "lightning", 1024, 4, 0.0, tiny_vae=True, prepack="on"),
+    "base+prepack": Config("base+prepack", "base", 512, 20, 7.5, prepack="on"),
     "lightning+compiled": Config("lightning+compiled", "lightning", 1024, 4, 0.0, tiny_vae=True, compiled=True),
 }
 GPU_CONFIGS = {
@@ -148,7 +152,7 @@ def run_child(config: Config, device: str, runs: int) -> dict:
         identity = ModelIdentity.resolve(preset, str(models / "sdxl"), None, vae)
         pipeline = ImagePipeline(LoadOptions(preset, identity, device=device, warmup=True,
                                              compile="on" if config.compiled else "off",
-                                             compile_cache=models / "compile-cache"))
+                                             compile_cache=models / "compile-cache", prepack=config.prepack))
         pipeline.load()
         ready = time.time()  # serving (eager) from here
         if pipeline.compiled is not None:

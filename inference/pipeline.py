@@ -33,6 +33,7 @@ class LoadOptions:
     warmup: bool = True
     compile: str = "off"  # on | off: see inference/compiled.py
     compile_cache: Path = Path("~/.cache/crafterse/compile")
+    prepack: str = "auto"  # auto | on | off: see inference/prepack.py
 
 
 def cpu_supports_bf16() -> bool:
@@ -42,6 +43,12 @@ def cpu_supports_bf16() -> bool:
 
     units = cpu_description()["matrix_units"]
     return "avx512_bf16" in units or "amx_bf16" in units
+
+
+def cpu_has_amx() -> bool:
+    from inference.compiled import cpu_description
+
+    return "amx_bf16" in cpu_description()["matrix_units"]
 
 
 def pick_device(requested: str) -> str:
@@ -86,6 +93,7 @@ class ImagePipeline:
         self.load_seconds: float | None = None
         self._pipe: diffusers.DiffusionPipeline | None = None
         self.compiled = None  # inference.compiled.CompiledUNet once compiling is chosen
+        self.prepacked: str | None = None  # what prepacking did, or why it did not (for /healthz)
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -110,6 +118,8 @@ class ImagePipeline:
             self._pipe = pipe
             if self._should_compile():
                 self._start_compiling(pipe)
+            else:
+                self._prepack(pipe)
             if self.options.warmup or self.compiled is not None:
                 self._set_state("warming up", "one small warm-up generation")
                 self._warm_up()
@@ -186,6 +196,24 @@ class ImagePipeline:
         # Opt-in: on the 2-vCPU AMX Xeon measured so far the package did not beat eager (bench.speed
         # rows turbo and turbo+compiled) and it holds a second copy of the UNet's weights.
         return self.options.compile == "on"
+
+    def _prepack(self, pipe: diffusers.DiffusionPipeline) -> None:
+        """PREPACK: auto prepacks where it was measured to pay (AMX CPUs: bench.speed turbo vs
+        turbo+prepack); on wherever oneDNN can; off never. Not with COMPILE=on (the package freezes and
+        prepacks its own weights, and export needs plain ones)."""
+        from inference.prepack import can_prepack, prepack_unet
+
+        if self.options.prepack == "off":
+            self.prepacked = "off (PREPACK=off)"
+            return
+        reason = can_prepack(self.device, self.dtype)
+        if reason is None and self.options.prepack == "auto" and not cpu_has_amx():
+            reason = "auto: only on AMX CPUs, where it was measured (PREPACK=on forces it)"
+        if reason is not None:
+            self.prepacked = f"off: {reason}"
+            return
+        self._set_state("loading", "prepacking the UNet's weights for oneDNN")
+        self.prepacked = prepack_unet(pipe.unet, self._default_latent_size())
 
     def _compile_cache_dir(self) -> Path:
         from inference.compiled import compile_cache_dir

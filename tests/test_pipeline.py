@@ -84,3 +84,33 @@ def test_flux_is_refused_on_cpu_with_a_clear_message(tiny_model) -> None:
                                          ModelIdentity.resolve(get_preset("flux-schnell")), device="cpu"))
     with pytest.raises(UnsupportedOnDevice, match="needs a GPU.*MODEL_PRESET=turbo"):
         pipeline.load()
+
+
+def test_prepacked_linears_render_the_image_eager_renders(tiny_model) -> None:
+    """PREPACK: the UNet's linears on oneDNN-packed weights give the same image as plain eager (within
+    bf16 rounding), on every size, not only the one the packing was hinted for."""
+    import torch
+
+    from inference.prepack import PackedLinear, can_prepack
+
+    chosen = get_preset("turbo")
+    identity = ModelIdentity.resolve(chosen, str(tiny_model.sdxl), None, str(tiny_model.taesd))
+    plain = ImagePipeline(LoadOptions(chosen, identity, dtype="bfloat16", warmup=False, prepack="off"))
+    packed = ImagePipeline(LoadOptions(chosen, identity, dtype="bfloat16", warmup=False, prepack="on"))
+    plain.load()
+    packed.load()
+    reason = can_prepack("cpu", torch.bfloat16)
+    if reason is not None:  # a CPU without oneDNN bf16: PREPACK=on says why and renders plain
+        assert packed.prepacked == f"off: {reason}"
+    else:
+        assert packed.prepacked.endswith("s") and "linear layers prepacked for oneDNN" in packed.prepacked
+        layers = list(packed._pipe.unet.modules())
+        assert any(isinstance(m, PackedLinear) for m in layers)
+        assert not any(type(m) is torch.nn.Linear for m in layers)
+    assert plain.prepacked == "off (PREPACK=off)"
+    for width, height in ((256, 256), (512, 384)):
+        request = GenerationRequest.create("a red cube", width=width, height=height, steps=2, seed=3)
+        a, _ = _generate(plain, request)
+        b, _ = _generate(packed, request)
+        difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert difference.mean() < 2.0 and np.percentile(difference, 99) <= 12, (width, difference.mean())

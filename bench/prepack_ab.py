@@ -1,0 +1,77 @@
+"""Prepacked linears against plain eager, one UNet step at a time, alternating in one process.
+
+    python3 -m bench.prepack_ab [--size 512] [--rounds 5]
+
+Shared vCPUs change speed from one minute to the next (the bf16 GEMM ceiling of one 2-vCPU AMX Xeon
+measured 546, 1362 and 1483 GFLOP/s within hours), so two processes timed minutes apart can disagree by
+more than the effect. This loads the full-size UNet twice (random weights, bench/models, bf16), prepacks
+one copy (inference/prepack.py, as PREPACK does), and alternates: ceiling, plain step, packed step, per
+round. Prints the CPU and its matrix units, each round, and the packed/plain ratio per round and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.speed import MODELS, gemm_ceiling
+from inference.compiled import cpu_description
+from inference.prepack import prepack_unet
+
+
+def unet_arguments(size: int) -> tuple[tuple, dict]:
+    latent, dtype = size // 8, torch.bfloat16
+    return ((torch.randn(1, 4, latent, latent, dtype=dtype), torch.tensor(999.0)),
+            {"encoder_hidden_states": torch.randn(1, 77, 2048, dtype=dtype),
+             "added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, dtype=dtype),
+                                   "time_ids": torch.randn(1, 6, dtype=dtype)}})
+
+
+def timed_step(unet, args: tuple, kwargs: dict) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    output = unet(*args, **kwargs).sample
+    return time.perf_counter() - started, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    from diffusers import UNet2DConditionModel
+
+    from tests.sdxl_builder import build_full_sdxl
+
+    build_full_sdxl(MODELS)
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    load = lambda: UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
+    plain, packed = load(), load()
+    print(prepack_unet(packed, (options.size // 8, options.size // 8)))
+    args, kwargs = unet_arguments(options.size)
+    ratios, plain_times, packed_times = [], [], []
+    with torch.inference_mode():
+        _, reference = timed_step(plain, args, kwargs)  # warm-up of both: primitive caches, allocator
+        _, output = timed_step(packed, args, kwargs)
+        print(f"max |packed - plain| {(output - reference).abs().max().item():.2e} "
+              f"(output max {reference.abs().max().item():.2e})")
+        for round_number in range(1, options.rounds + 1):
+            ceiling = gemm_ceiling("bfloat16", "cpu", repeats=2)
+            plain_s, _ = timed_step(plain, args, kwargs)
+            packed_s, _ = timed_step(packed, args, kwargs)
+            plain_times.append(plain_s)
+            packed_times.append(packed_s)
+            ratios.append(plain_s / packed_s)
+            print(f"round {round_number}: ceiling {ceiling:5.0f} GFLOP/s  plain {plain_s:6.2f} s  "
+                  f"packed {packed_s:6.2f} s  speed-up {plain_s / packed_s:5.2f}x")
+    print(f"\nUNet step at {options.size}²: plain min {min(plain_times):.2f} s, packed min {min(packed_times):.2f} s; "
+          f"speed-up per round median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x), "
+          f"of the minima {min(plain_times) / min(packed_times):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
