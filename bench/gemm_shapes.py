@@ -22,8 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.speed import MODELS, gemm_ceiling
-from inference.compiled import cpu_description
+from bench.speed import full_unet_on_this_machine, gemm_ceiling
 
 
 def best_ms(call: Callable[[], object], repeats: int) -> float:
@@ -99,17 +98,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="2 for classifier-free guidance (base preset)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    from diffusers import UNet2DConditionModel
-
-    from tests.sdxl_builder import build_full_sdxl
-
-    build_full_sdxl(MODELS)
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    unet = full_unet_on_this_machine()
     ceiling = gemm_ceiling("bfloat16", "cpu")
     print(f"bf16 GEMM ceiling (4096³): {ceiling:.0f} GFLOP/s")
-    unet = UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
     linears, convs, modules = record_shapes(unet, args.size, args.batch)
     print(f"\none UNet step at {args.size}², batch {args.batch}: {sum(linears.values())} linear calls "
           f"({len(linears)} shapes), {sum(convs.values())} convolutions ({len(convs)} shapes)\n")

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from bench.speed import MODELS, gemm_ceiling
-from inference.compiled import cpu_description
+from bench.speed import full_unet_on_this_machine, gemm_ceiling
 from inference.prepack import prepack_unet
 
 
@@ -41,16 +40,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
-    from diffusers import UNet2DConditionModel
-
-    from tests.sdxl_builder import build_full_sdxl
-
-    build_full_sdxl(MODELS)
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    load = lambda: UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
-    plain, packed = load(), load()
+    plain, packed = full_unet_on_this_machine(), full_unet_on_this_machine()
     print(prepack_unet(packed, (options.size // 8, options.size // 8)))
     args, kwargs = unet_arguments(options.size)
     ratios, plain_times, packed_times = [], [], []

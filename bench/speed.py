@@ -118,6 +118,22 @@ def count_flops(config: Config) -> dict[str, float]:
     return counted
 
 
+def full_unet_on_this_machine():
+    """The full-size SDXL UNet (random weights, built once under bench/models) in bf16, after printing
+    the CPU, its matrix units, torch and its threads: every CPU figure is read against these."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from inference.compiled import cpu_description
+    from tests.sdxl_builder import build_full_sdxl
+
+    build_full_sdxl(MODELS)
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
+
+
 # ---- one configuration, in its own process ------------------------------------------------------------
 
 def run_child(config: Config, device: str, runs: int) -> dict:
