@@ -1017,6 +1017,9 @@ class Handlers:
             raise gr.Error(f"requests[{index}]: unknown field(s) {', '.join(unknown)}; known: "
                            f"{', '.join(self.BATCH_FIELDS)}", title="Invalid input")
         values = {name: item.get(name) for name in self.BATCH_FIELDS}
+        if values["request_id"] is not None and not isinstance(values["request_id"], str):
+            raise gr.Error(f"requests[{index}].request_id: must be a string, got {values['request_id']!r}",
+                           title="Invalid input")
         values["preset"] = values["preset"] or self.services.identity.preset
         values["negative_prompt"] = values["negative_prompt"] or ""
         try:

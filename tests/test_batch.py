@@ -36,6 +36,8 @@ def test_one_invalid_request_refuses_the_batch_naming_it_and_queues_nothing(clie
         client.predict(request_id="batch-never", api_name="/status")
     with pytest.raises(Exception, match=r"requests\[0\]: unknown field\(s\) widht"):
         client.predict(requests=[{"prompt": "typo", "widht": 256}], api_name="/submit_batch")
+    with pytest.raises(Exception, match=r"requests\[0\]\.request_id: must be a string, got 7"):
+        client.predict(requests=[{"prompt": "a number for an id", "request_id": 7}], api_name="/submit_batch")
     with pytest.raises(Exception, match="requests: must be a non-empty list"):
         client.predict(requests=[], api_name="/submit_batch")
 
