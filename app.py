@@ -30,7 +30,7 @@ import gradio as gr
 from inference.errors import GenerationError, QueueFull, QueueUnavailable, TooManyRequests, UnknownRequest
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
-from inference.request import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
+from inference.request import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
 from queueing.admission import Admission, Caller, identify, may_see, scoped_request_id
 from queueing.connectivity import check_all, kafka_endpoints, redis_endpoints, url_endpoint
 from queueing.gateway import FallbackQueue, Gateway
@@ -916,6 +916,114 @@ class Handlers:
             pass  # the last value is the finished image; failures raise gr.Error with the reason
         return image
 
+    @not_an_mcp_tool
+    async def generate_variants(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+                                num_images=1, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                                progress=gr.Progress()) -> AsyncIterator[tuple]:
+        """Generate num_images variants of one request (seeds seed, seed+1, ...) and wait for all (the
+        page's Generate button). Each variant is a request of its own: its own id, cache entry and
+        stored file, so asking later for one seed is a cache hit. Returns the first image, its metadata
+        with "variants" (one entry per image: request_id, seed, state, url, cached, error) and a gallery.
+
+        Args:
+            prompt: what to draw, up to 2000 characters.
+            negative_prompt: what to avoid; may be empty.
+            preset: the preset this Space serves (see the dropdown).
+            width: image width, a multiple of 8 in 256..2048.
+            height: image height, a multiple of 8 in 256..2048.
+            steps: denoising steps, 1..the preset's maximum.
+            guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
+            seed: the first variant's seed: -1 derives it from the other fields, else 0..4294967295.
+            num_images: how many variants, 1..4 (each counts as one request against your limits).
+        """
+        started = time.perf_counter()
+        caller = self._caller(request, profile)
+        first = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
+        try:
+            generations = first.variants(num_images)
+        except GenerationError as error:
+            raise gr.Error(str(error), title="Invalid input") from None
+        jobs = await anyio.to_thread.run_sync(self._submit_all, generations, caller)
+        ids = [job.request_id for job in jobs]
+        try:
+            if not all(job.finished for job in jobs):  # the Cancel button needs the ids first
+                yield gr.skip(), gr.skip(), gr.skip(), ids, gr.skip()
+                async for jobs in self._follow_all(jobs):
+                    self._show_variants_progress(progress, jobs)
+        finally:
+            for job in jobs:
+                self.admission.release(caller, job.request_id)
+        yield await anyio.to_thread.run_sync(self._variants_output, jobs, first, started)
+
+    def _submit_all(self, generations: list[GenerationRequest], caller: Caller) -> list[Job]:
+        """All variants or none: one refused (a limit, a full queue) cancels those already queued."""
+        jobs: list[Job] = []
+        for index, generation in enumerate(generations):
+            try:
+                jobs.append(self._submit(generation, caller, False))
+            except gr.Error as error:
+                for job in jobs:
+                    self.gateway.cancel(job.request_id)
+                    self.admission.release(caller, job.request_id)
+                prefix = f"image {index + 1} of {len(generations)} refused: " if len(generations) > 1 else ""
+                raise gr.Error(prefix + error.message, title=error.title) from None
+        return jobs
+
+    async def _follow_all(self, jobs: list[Job]) -> AsyncIterator[list[Job]]:
+        """Yields the jobs whenever one changes, until all finish or the request times out."""
+        deadline = time.monotonic() + self.services.settings.request_timeout_seconds
+        while not all(job.finished for job in jobs) and time.monotonic() < deadline:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            latest = await anyio.to_thread.run_sync(lambda: [self.services.jobs.get(j.request_id) or j for j in jobs])
+            if [job.version for job in latest] != [job.version for job in jobs]:
+                jobs = latest
+                yield jobs
+
+    def _show_variants_progress(self, progress, jobs: list[Job]) -> None:
+        if progress is None:
+            return
+        finished = sum(job.finished for job in jobs)
+        running = next((job for job in jobs if job.state == "running" and job.total_steps), None)
+        if len(jobs) == 1 or running is None:
+            desc = self._progress_text(jobs[0]) if len(jobs) == 1 else f"{finished} of {len(jobs)} images done"
+            self._show_progress(progress, running or jobs[0], desc)
+            return
+        progress((running.step, running.total_steps), unit="steps",
+                 desc=f"image {jobs.index(running) + 1} of {len(jobs)} ({finished} done)")
+
+    def _variants_output(self, jobs: list[Job], first: GenerationRequest, started: float) -> tuple:
+        """Every finished image in order; failed or unfinished variants are listed with their reason.
+        Nothing done at all is an error, as for a single image."""
+        timeout = self.services.settings.request_timeout_seconds
+        done = [job for job in jobs if job.state == "done"]
+        if not done:
+            job = jobs[0]
+            if not job.finished:
+                raise gr.Error(f"still running after {timeout:.0f} s; ask /status with request_id {job.request_id}",
+                               title="Timeout")
+            raise gr.Error(job.error or job.state, title=job.state.capitalize())
+        files = [self._image_file(job.result) for job in done]
+        summaries = [self._variant_summary(job) for job in jobs]
+        metadata = dict(done[0].result, seed_derived=not first.seed_was_given and done[0] is jobs[0],
+                        variants=summaries)
+        metadata["timings"] = dict(metadata.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
+        gallery = [(path, self._caption(job.result)) for path, job in zip(files, done)]
+        # Each image's own metadata, for a click on its thumbnail (the first one's is the one shown).
+        shown = [(path, metadata if job is done[0] else dict(job.result, variants=summaries))
+                 for path, job in zip(files, done)]
+        return files[0], metadata, gallery, [job.request_id for job in jobs], shown
+
+    @staticmethod
+    def _variant_summary(job: Job) -> dict[str, Any]:
+        result = job.result or {}
+        return {"request_id": job.request_id, "seed": job.request.get("seed", result.get("seed")),
+                "state": job.state, "url": result.get("url"), "cached": result.get("cached", False),
+                "error": None if job.state == "done" else (job.error or f"still {job.state}")}
+
+    @staticmethod
+    def _caption(result: dict[str, Any]) -> str:
+        return f"seed {result['seed']}" + (" (cached)" if result.get("cached") else "")
+
     async def _follow(self, job: Job) -> AsyncIterator[Job]:
         """Yields the job whenever it changes, until it finishes or the request times out. Each look is
         one quick read in a worker thread; the wait between looks holds nothing."""
@@ -1096,12 +1204,14 @@ class Handlers:
 
     def cancel_current(self, request_id: str, request: gr.Request = None,
                        profile: gr.OAuthProfile | None = None) -> dict:
-        """The Cancel button: the id came from this session's own generate (internal form)."""
+        """The Cancel button: the ids (one, or a list for variants) came from this session's own
+        generate (internal form); returns the status of the first."""
         caller = self._caller(request, profile)
-        job = self.services.jobs.get(request_id or "")
-        if job is None or not may_see(job, caller):
+        ids = request_id if isinstance(request_id, list) else [request_id]
+        jobs = [self.services.jobs.get(rid) if isinstance(rid, str) else None for rid in ids]
+        if not jobs or any(job is None or not may_see(job, caller) for job in jobs):
             raise gr.Error(f"no request with id {request_id!r} of yours", title="Unknown request")
-        return self.gateway.cancel(request_id)
+        return [self.gateway.cancel(job.request_id) for job in jobs][0]
 
     @staticmethod
     def _public(status: dict[str, Any], request_id: str) -> dict[str, Any]:
@@ -1128,11 +1238,18 @@ class Handlers:
         return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
 
 
-def _add_to_gallery(result: dict | None, image: str | None, gallery: list) -> tuple[list, list]:
-    if result and image:
-        caption = f"seed {result['seed']}" + (" (cached)" if result.get("cached") else "")
-        gallery = [(image, caption)] + list(gallery or [])
+def _add_to_gallery(shown: list | None, gallery: list) -> tuple[list, list]:
+    """The session's gallery: this click's images first, newest click on top."""
+    gallery = [(path, Handlers._caption(metadata)) for path, metadata in shown or []] + list(gallery or [])
     return gallery, gallery
+
+
+def _show_variant(shown: list | None, selected: gr.SelectData) -> tuple:
+    """A click on a variant shows it large, with its own metadata."""
+    if not shown or selected.index is None or not 0 <= selected.index < len(shown):
+        return gr.skip(), gr.skip()
+    path, metadata = shown[selected.index]
+    return path, metadata
 
 
 def build_ui(services: Services):
@@ -1148,11 +1265,12 @@ def build_ui(services: Services):
         timer = gr.Timer(1.0)
         request_state = gr.State(None)
         gallery_state = gr.State([])
+        shown_state = gr.State([])  # this click's images with each one's metadata
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=3, max_length=2000, elem_id="prompt",
                                     placeholder="a mossy stone golem guarding a crystal cave, game art")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=2, max_length=2000)
+                negative_prompt = gr.Textbox("", label="Negative prompt", lines=2, max_length=2000)  # optional in clients
                 preset_choice = gr.Dropdown([preset.name], value=preset.name, label="Preset", allow_custom_value=True,
                                             info=preset.description)
                 # Plain number boxes, not sliders: out-of-range values must reach our validation, whose
@@ -1173,12 +1291,16 @@ def build_ui(services: Services):
                                      info=f"{DERIVED_SEED}: derived from the prompt (same prompt, same image); "
                                           f"or 0..{MAX_SEED}")
                     randomize = gr.Button("Randomize seed", size="sm")
+                num_images = RawNumber(1, label="Images", precision=0, elem_id="num-images",
+                                       info=f"variants per click, 1..{MAX_IMAGES} (seeds seed, seed+1, ...)")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=3):
                 image = gr.Image(label="Image", type="filepath", format="png", elem_id="result-image",
                                  interactive=False)
+                variants = gr.Gallery(label="Variants (click one to show it)", columns=MAX_IMAGES, height=200,
+                                      elem_id="variants", allow_preview=False)
                 metadata = gr.JSON(label="Metadata", elem_id="metadata")
                 gallery = gr.Gallery(label="This session", columns=4, height=240)
         with gr.Accordion("Jobs (queue without waiting, status, cancel)", open=False):
@@ -1191,10 +1313,13 @@ def build_ui(services: Services):
 
         inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
         generate_btn.click(
-            handlers.generate, inputs, [image, metadata, request_state], api_name="generate",
-            concurrency_limit=None,
-        ).then(_add_to_gallery, [metadata, image, gallery_state], [gallery, gallery_state],
-               api_visibility="private")
+            handlers.generate_variants, inputs + [num_images], [image, metadata, variants, request_state, shown_state],
+            api_name="generate_variants", concurrency_limit=None,
+        ).then(_add_to_gallery, [shown_state, gallery_state], [gallery, gallery_state], api_visibility="private")
+        variants.select(_show_variant, shown_state, [image, metadata], api_visibility="private")
+        # One image and its metadata, for clients (the page's button makes variants).
+        gr.Button(visible=False).click(handlers.generate, inputs, [image, metadata, request_state], api_name="generate",
+                                       concurrency_limit=None)
         cancel_btn.click(handlers.cancel_current, request_state, job_info, api_name="cancel_current",
                          api_visibility="private")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")

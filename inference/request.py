@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from inference.errors import InvalidRequest
@@ -23,6 +23,7 @@ MIN_SIDE, MAX_SIDE = 256, 2048
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1
 OUTPUT_FORMATS = ("png", "webp")
+MAX_IMAGES = 4  # variants per request: one user's in-flight cap (MAX_JOBS_PER_USER) defaults to 4 too
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -141,6 +142,18 @@ class GenerationRequest:
         # Derived from the other fields: the same request always makes the same image (and hits cache).
         fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(fields_)
         return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given)
+
+    def variants(self, num_images: Any) -> list[GenerationRequest]:
+        """This request and num_images - 1 siblings on the next seeds (seed, seed+1, ... wrapping at
+        2**32): each is an ordinary request with its own id, fingerprint and cache entry, so asking
+        later for one of them (its seed given) is a cache hit."""
+        count = _integer("num_images", num_images, 1, MAX_IMAGES)
+        siblings = [
+            replace(self, seed=(self.seed + offset) % (MAX_SEED + 1), request_id=uuid.uuid4().hex,
+                                seed_was_given=True)
+            for offset in range(1, count)
+        ]
+        return [self, *siblings]
 
     def pixel_fields(self) -> dict[str, Any]:
         """Everything in the request that changes the output bytes (the model is added by storage.keys)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -58,3 +59,42 @@ def test_the_page_shows_how_to_connect_an_agent(browser, app_server, artifacts) 
     for tool in ("generate_image", "submit", "status", "cancel"):
         page.get_by_text(tool, exact=True).first.wait_for(timeout=10_000)
     page.screenshot(path=str(artifacts / "mcp.png"), full_page=True)
+
+
+def test_variants_show_as_a_gallery_and_a_click_shows_one(browser, app_server, artifacts) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.get_by_text("Model ready").wait_for(timeout=30_000)
+    page.locator("#prompt textarea").fill("a treasure chest, three takes, game item icon")
+    page.get_by_label("Width").fill("256")
+    page.get_by_label("Height").fill("256")
+    page.get_by_label("Steps").fill("3")
+    page.get_by_label("Seed").fill("40")
+    page.get_by_label("Images").fill("3")
+    page.locator("#generate").click()
+    thumbnails = page.locator("#variants img")
+    thumbnails.nth(2).wait_for(state="visible", timeout=90_000)
+    assert thumbnails.count() == 3
+    page.locator("#metadata").get_by_text("variants").wait_for(timeout=10_000)
+    thumbnails.nth(1).click()
+    page.locator("#metadata").get_by_text("41").first.wait_for(timeout=10_000)
+    metadata = "".join(page.locator("#metadata").inner_text().split())
+    assert '"seed":41' in metadata
+    page.screenshot(path=str(artifacts / "variants.png"), full_page=True)
+
+
+def test_cancel_stops_every_variant_of_the_click(browser, app_server, artifacts) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.get_by_text("Model ready").wait_for(timeout=30_000)
+    page.locator("#prompt textarea").fill("a slow pair of banners")
+    page.get_by_label("Width").fill("512")
+    page.get_by_label("Height").fill("512")
+    page.get_by_label("Steps").fill("50")
+    page.get_by_label("Images").fill("2")
+    page.locator("#generate").click()
+    page.get_by_text("steps").first.wait_for(timeout=60_000)  # the first variant is running
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    page.get_by_text(re.compile("cancelled")).first.wait_for(timeout=60_000)  # the error toast, not the button
+    page.screenshot(path=str(artifacts / "variants-cancelled.png"), full_page=True)
+    assert page.locator("#variants img").count() == 0
