@@ -870,28 +870,13 @@ class Handlers:
             guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
             seed: -1 derives the seed from the other fields (same request, same image), else 0..4294967295.
         """
-        started = time.perf_counter()
-        caller = self._caller(request, profile)
-        generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                                   seed)
-        job = await anyio.to_thread.run_sync(self._submit, generation, caller, False)
-        try:
-            if not job.finished:  # a cache hit answers at once; others first tell the Cancel button their id
-                yield gr.skip(), gr.skip(), job.request_id
-                async for job in self._follow(job):
-                    desc = await anyio.to_thread.run_sync(self._progress_text, job)
-                    self._show_progress(progress, job, desc)
-        finally:
-            self.admission.release(caller, job.request_id)
-        if not job.finished:
-            raise gr.Error(f"still running after {self.services.settings.request_timeout_seconds:.0f} s; "
-                           f"ask /status with request_id {job.request_id}", title="Timeout")
-        if job.state != "done":
-            raise gr.Error(job.error or job.state, title=job.state.capitalize())
-        result = dict(job.result, seed_derived=not generation.seed_was_given)
-        result["timings"] = dict(result.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
-        image = await anyio.to_thread.run_sync(self._image_file, result)
-        yield image, result, job.request_id
+        # One image is the one-variant case of the page's button: the same path, without "variants".
+        async for image, metadata, _, ids, _ in self.generate_variants(
+                prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed, 1, request, profile,
+                progress):
+            if isinstance(metadata, dict):
+                metadata = {key: value for key, value in metadata.items() if key != "variants"}
+            yield image, metadata, ids[0]
 
     async def generate_image(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                              request: gr.Request, profile: gr.OAuthProfile | None = None,
@@ -949,7 +934,8 @@ class Handlers:
             if not all(job.finished for job in jobs):  # the Cancel button needs the ids first
                 yield gr.skip(), gr.skip(), gr.skip(), ids, gr.skip()
                 async for jobs in self._follow_all(jobs):
-                    self._show_variants_progress(progress, jobs)
+                    desc = await anyio.to_thread.run_sync(self._variants_text, jobs)  # may ask Redis
+                    self._show_progress(progress, self._running(jobs) or jobs[0], desc)
         finally:
             for job in jobs:
                 self.admission.release(caller, job.request_id)
@@ -979,17 +965,17 @@ class Handlers:
                 jobs = latest
                 yield jobs
 
-    def _show_variants_progress(self, progress, jobs: list[Job]) -> None:
-        if progress is None:
-            return
-        finished = sum(job.finished for job in jobs)
-        running = next((job for job in jobs if job.state == "running" and job.total_steps), None)
-        if len(jobs) == 1 or running is None:
-            desc = self._progress_text(jobs[0]) if len(jobs) == 1 else f"{finished} of {len(jobs)} images done"
-            self._show_progress(progress, running or jobs[0], desc)
-            return
-        progress((running.step, running.total_steps), unit="steps",
-                 desc=f"image {jobs.index(running) + 1} of {len(jobs)} ({finished} done)")
+    @staticmethod
+    def _running(jobs: list[Job]) -> Job | None:
+        return next((job for job in jobs if job.state == "running" and job.total_steps), None)
+
+    def _variants_text(self, jobs: list[Job]) -> str:
+        if len(jobs) == 1:
+            return self._progress_text(jobs[0])
+        finished, running = sum(job.finished for job in jobs), self._running(jobs)
+        if running is None:
+            return f"{finished} of {len(jobs)} images done"
+        return f"image {jobs.index(running) + 1} of {len(jobs)} ({finished} done)"
 
     def _variants_output(self, jobs: list[Job], first: GenerationRequest, started: float) -> tuple:
         """Every finished image in order; failed or unfinished variants are listed with their reason.
@@ -1023,17 +1009,6 @@ class Handlers:
     @staticmethod
     def _caption(result: dict[str, Any]) -> str:
         return f"seed {result['seed']}" + (" (cached)" if result.get("cached") else "")
-
-    async def _follow(self, job: Job) -> AsyncIterator[Job]:
-        """Yields the job whenever it changes, until it finishes or the request times out. Each look is
-        one quick read in a worker thread; the wait between looks holds nothing."""
-        deadline = time.monotonic() + self.services.settings.request_timeout_seconds
-        while not job.finished and time.monotonic() < deadline:
-            await asyncio.sleep(FOLLOW_POLL_SECONDS)
-            latest = await anyio.to_thread.run_sync(self.services.jobs.get, job.request_id)
-            if latest is not None and latest.version != job.version:
-                job = latest
-                yield job
 
     def _show_progress(self, progress, job: Job, desc: str) -> None:
         if progress is None:

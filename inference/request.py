@@ -150,7 +150,7 @@ class GenerationRequest:
         count = _integer("num_images", num_images, 1, MAX_IMAGES)
         siblings = [
             replace(self, seed=(self.seed + offset) % (MAX_SEED + 1), request_id=uuid.uuid4().hex,
-                                seed_was_given=True)
+                    seed_was_given=True)
             for offset in range(1, count)
         ]
         return [self, *siblings]

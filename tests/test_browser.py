@@ -22,14 +22,20 @@ def browser():
         launched.close()
 
 
-def test_type_prompt_click_generate_see_image(browser, app_server, artifacts) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_server.url, wait_until="domcontentloaded")
+def open_form(browser, url: str, prompt: str, height_px: int = 1000, **fields: str):
+    """A new page with the model ready and the form filled: fields by their label (Width="256")."""
+    page = browser.new_page(viewport={"width": 1400, "height": height_px})
+    page.goto(url, wait_until="domcontentloaded")
     page.get_by_text("Model ready").wait_for(timeout=30_000)
-    page.locator("#prompt textarea").fill("a glowing crystal sword, game item icon")
-    page.get_by_label("Width").fill("256")
-    page.get_by_label("Height").fill("256")
-    page.get_by_label("Steps").fill("3")
+    page.locator("#prompt textarea").fill(prompt)
+    for label, value in fields.items():
+        page.get_by_label(label).fill(value)
+    return page
+
+
+def test_type_prompt_click_generate_see_image(browser, app_server, artifacts) -> None:
+    page = open_form(browser, app_server.url, "a glowing crystal sword, game item icon", Width="256", Height="256",
+                     Steps="3")
     page.locator("#generate").click()
     image = page.locator("#result-image img")
     image.wait_for(state="visible", timeout=60_000)
@@ -62,15 +68,8 @@ def test_the_page_shows_how_to_connect_an_agent(browser, app_server, artifacts) 
 
 
 def test_variants_show_as_a_gallery_and_a_click_shows_one(browser, app_server, artifacts) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(app_server.url, wait_until="domcontentloaded")
-    page.get_by_text("Model ready").wait_for(timeout=30_000)
-    page.locator("#prompt textarea").fill("a treasure chest, three takes, game item icon")
-    page.get_by_label("Width").fill("256")
-    page.get_by_label("Height").fill("256")
-    page.get_by_label("Steps").fill("3")
-    page.get_by_label("Seed").fill("40")
-    page.get_by_label("Images").fill("3")
+    page = open_form(browser, app_server.url, "a treasure chest, three takes, game item icon", height_px=1100,
+                     Width="256", Height="256", Steps="3", Seed="40", Images="3")
     page.locator("#generate").click()
     thumbnails = page.locator("#variants img")
     thumbnails.nth(2).wait_for(state="visible", timeout=90_000)
@@ -84,14 +83,8 @@ def test_variants_show_as_a_gallery_and_a_click_shows_one(browser, app_server, a
 
 
 def test_cancel_stops_every_variant_of_the_click(browser, app_server, artifacts) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_server.url, wait_until="domcontentloaded")
-    page.get_by_text("Model ready").wait_for(timeout=30_000)
-    page.locator("#prompt textarea").fill("a slow pair of banners")
-    page.get_by_label("Width").fill("512")
-    page.get_by_label("Height").fill("512")
-    page.get_by_label("Steps").fill("50")
-    page.get_by_label("Images").fill("2")
+    page = open_form(browser, app_server.url, "a slow pair of banners", Width="512", Height="512", Steps="50",
+                     Images="2")
     page.locator("#generate").click()
     page.get_by_text("steps").first.wait_for(timeout=60_000)  # the first variant is running
     page.get_by_role("button", name="Cancel", exact=True).click()
