@@ -31,11 +31,12 @@ from inference.errors import GenerationError, QueueFull, QueueUnavailable, TooMa
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
 from inference.request import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
-from queueing.admission import Admission, Caller, identify, may_see, scoped_request_id
+from queueing.admission import Admission, Caller, identify, may_see, public_request_id, scoped_request_id
 from queueing.connectivity import check_all, kafka_endpoints, redis_endpoints, url_endpoint
 from queueing.gateway import FallbackQueue, Gateway
 from queueing.metrics import Metrics
 from queueing.local import LocalQueue
+from queueing.webhooks import WebhookJobs, WebhookLedger, WebhookNotifier, WebhookSettings
 from queueing.worker import Worker
 from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
@@ -317,6 +318,8 @@ class Settings:
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
     batch_max_requests: int = 16  # BATCH_MAX_REQUESTS: requests per /submit_batch call
     mcp_server: bool = True  # MCP_SERVER: the API endpoints as MCP tools at /gradio_api/mcp/ (for agents)
+    bulk_every: int = 4  # BULK_EVERY: while both wait, at least 1 of this many runs is a bulk request (0: never first)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
 
@@ -349,6 +352,14 @@ class Settings:
             zero_gpu_seconds_per_step=read.float("ZEROGPU_SECONDS_PER_STEP", 0.5, minimum=0.01),
             mcp_server=read.flag("MCP_SERVER", True),
             batch_max_requests=read.int("BATCH_MAX_REQUESTS", 16, minimum=1),
+            bulk_every=read.int("BULK_EVERY", 4),
+            webhooks=WebhookSettings(
+                allowed_hosts=tuple(h.strip().lower() for h in (read.str("WEBHOOK_ALLOWED_HOSTS") or "").split(",")
+                                    if h.strip()),
+                secret=read.str("WEBHOOK_SECRET"),
+                max_attempts=read.int("WEBHOOK_MAX_ATTEMPTS", 5, minimum=1),
+                backoff_seconds=read.float("WEBHOOK_BACKOFF_SECONDS", 1.0, minimum=0.0),
+                timeout_seconds=read.float("WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1)),
             queue_max_size=read.int("QUEUE_MAX_SIZE", 16, minimum=1),
             cache_max_entries=read.int("CACHE_MAX_ENTRIES", 1024, minimum=1),
             cache_ttl_seconds=read.int("CACHE_TTL_SECONDS", 7 * SECONDS_PER_DAY, minimum=60),
@@ -397,6 +408,7 @@ class Services:
     heartbeat: Any = None
     remote: Any = None  # queueing.remote.RemoteBackend: the GPU service for peaks, when configured
     rescuer: Any = None  # queueing.remote.LeaseRescuer: in a fleet, takes over what a dead Space sent remote
+    webhooks: Any = None  # queueing.webhooks.WebhookNotifier
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
@@ -417,6 +429,8 @@ class Services:
             self.heartbeat.start()
         if self.rescuer is not None:
             self.rescuer.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def stop_consumers(self) -> None:
         """Leave the consumer groups warm: the job in hand finishes (or is handed back past the grace)."""
@@ -434,6 +448,8 @@ class Services:
         if self.remote is not None:
             self.remote.stop()
         self.queue.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
 
     def describe_worker(self) -> dict[str, Any]:
         """This worker as the fleet sees it (heartbeat). No request ids: they are capabilities."""
@@ -546,6 +562,7 @@ class Stores:
     inflight: Any
     remote_budget: Any = None  # REMOTE_MAX_PER_HOUR, fleet-wide when Redis is there
     remote_leases: Any = None  # RemoteLeases: GPU-service requests a dead Space held are rescued
+    redis: Any = None  # the Redis client, for the webhook ledger
 
 
 def build_pipeline(settings: Settings):
@@ -569,7 +586,7 @@ def build_pipeline(settings: Settings):
 
 def build_services(settings: Settings, worker_only: bool = False) -> Services:
     fleet = settings.fleet
-    problems = fleet.problems() + settings.remote.problems()
+    problems = fleet.problems() + settings.remote.problems() + settings.webhooks.problems()
     if problems:
         raise ValueError("; ".join(problems))
     pipeline, preset, identity = build_pipeline(settings)
@@ -581,6 +598,10 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     health = BackendHealth(on_change=lambda name, down: metrics.degraded.labels(name).set(1 if down else 0))
     objects = _object_store(settings, health)
     stores = _stores(settings, health)
+    # Every path that ends a job goes through the job store: its webhook is sent from there.
+    webhooks = WebhookNotifier(settings.webhooks, stores.jobs, WebhookLedger(stores.redis, fleet.redis_namespace),
+                               public_id=public_request_id, metrics=metrics)
+    stores.jobs = WebhookJobs(stores.jobs, webhooks)
     serves_fleet = settings.fleet_queue is not None
     worker = Worker(pipeline, identity, preset.sampler_label, stores.cache, stores.jobs, objects,
                     name=fleet.worker_name, claims=stores.claims if serves_fleet else None,
@@ -590,7 +611,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
                           finished=lambda rid: (job := stores.jobs.get(rid)) is not None and job.finished,
                           metrics=metrics)
     endpoints = _endpoints(settings)
-    local = LocalQueue(worker.handle, settings.queue_max_size)
+    local = LocalQueue(worker.handle, settings.queue_max_size, settings.bulk_every, metrics)
     if settings.zero_gpu and fleet.shared_queue:
         # A ZeroGPU call is charged to the visitor who asked: the fleet's queue belongs on CPU workers.
         logger.warning("ZeroGPU: this Space serves its own UI and API on ZeroGPU and does not consume the "
@@ -605,6 +626,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
                          admission, local, consume=fleet.kafka_consume or worker_only)
     if settings.remote.service and not settings.zero_gpu:  # ZeroGPU is this Space's GPU for peaks
         _add_remote(settings, services, stores)
+    services.webhooks = webhooks
     if serves_fleet and stores.remote_leases is not None:
         from queueing.remote import LeaseRescuer
 
@@ -663,7 +685,8 @@ def _fleet_services(settings, pipeline, identity, objects, stores: Stores, worke
                         health, metrics, admission, fleet=stores.fleet, endpoints=endpoints)
     if consume:
         services.consumer = KafkaWorkerLoop(kafka, worker, stores.jobs, producer, metrics,
-                                            settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready)
+                                            settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready,
+                                            bulk_every=settings.bulk_every)
         services.entrance = KafkaWorkerLoop(kafka, worker, stores.jobs, producer, metrics,
                                             settings.fleet.shutdown_grace_seconds, wait_ready=pipeline.wait_ready,
                                             entrance=True)
@@ -756,6 +779,7 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
         remote_budget=ResilientLimit(RedisRateLimiter(client, f"{namespace}:remote", settings.remote.max_per_hour),
                                      memory_budget, guard),
         remote_leases=RemoteLeases(client, namespace, fleet.claim_ttl_seconds),
+        redis=client,
     )
 
 
@@ -823,15 +847,16 @@ class Handlers:
         return caller_of(request, profile, self.services.settings.trusted_proxy_hops)
 
     def _request(self, caller: Caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                 seed, request_id=None):
+                 seed, request_id=None, priority="interactive", webhook_url=""):
         if seed == DERIVED_SEED:
             seed = None
         try:
             chosen = (request_id or "").strip() or None
             generation = GenerationRequest.create(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                self.services.settings.output_format, chosen,
+                self.services.settings.output_format, chosen, priority=priority, webhook_url=webhook_url,
             )
+            self.services.webhooks.check(generation.webhook_url)
             scoped = scoped_request_id(caller, chosen)
         except GenerationError as error:
             raise gr.Error(str(error), title="Invalid input") from None
@@ -1032,8 +1057,8 @@ class Handlers:
         return str(self.services.objects.local_path(result["object_key"]))
 
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-               request_id: str | None = None, request: gr.Request = None,
-               profile: gr.OAuthProfile | None = None) -> str:
+               request_id: str | None = None, priority: str = "interactive", webhook_url: str = "",
+               request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> str:
         """Queue a request without waiting; returns its request id for status and cancel.
 
         Args:
@@ -1048,15 +1073,19 @@ class Handlers:
             request_id: optional idempotency key of your own (up to 112 characters of letters, digits
                 and . _ : -): resubmitting it returns the same job; it is scoped to you, so others'
                 ids never clash with yours. Empty: a new random id.
+            priority: "interactive" (default: someone is waiting) or "bulk" (the backend's batch work):
+                interactive requests run first; bulk still gets at least 1 run in BULK_EVERY.
+            webhook_url: optional http(s) URL on a host in WEBHOOK_ALLOWED_HOSTS; when the request is
+                done or failed it receives one signed POST (Standard Webhooks headers) per state.
         """
         caller = self._caller(request, profile)
         generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                                   seed, request_id)
+                                   seed, request_id, priority, webhook_url)
         self._submit(generation, caller, chosen=bool((request_id or "").strip()))
         return (request_id or "").strip() or generation.request_id
 
     BATCH_FIELDS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed",
-                    "request_id")
+                    "request_id", "priority", "webhook_url")
 
     def submit_batch(self, requests: list, request: gr.Request = None,
                      profile: gr.OAuthProfile | None = None) -> list[dict]:
@@ -1068,8 +1097,8 @@ class Handlers:
 
         Args:
             requests: a list of up to BATCH_MAX_REQUESTS objects with the fields of submit (prompt;
-                optional negative_prompt, preset, width, height, steps, guidance_scale, seed, request_id;
-                missing ones take the preset's defaults).
+                optional negative_prompt, preset, width, height, steps, guidance_scale, seed, request_id,
+                priority, webhook_url; missing ones take the preset's defaults).
         """
         caller = self._caller(request, profile)
         generations = [self._batch_request(caller, index, item) for index, item in enumerate(self._batch(requests))]
@@ -1302,7 +1331,10 @@ def build_ui(services: Services):
         agent_image = gr.Image(type="filepath", format="png", visible=False)
         gr.Button(visible=False).click(handlers.generate_image, inputs, agent_image, api_name="generate_image",
                                        concurrency_limit=None)
-        submit_btn.click(handlers.submit, inputs + [request_id], request_id, api_name="submit")
+        # API-only inputs of /submit, with their defaults (clients may leave them out).
+        priority = gr.Textbox("interactive", visible=False)
+        webhook_url = gr.Textbox("", visible=False)
+        submit_btn.click(handlers.submit, inputs + [request_id, priority, webhook_url], request_id, api_name="submit")
         # The backend's batch: API (and MCP) only, no widgets.
         gr.Button(visible=False).click(handlers.submit_batch, gr.JSON(visible=False), gr.JSON(visible=False),
                                        api_name="submit_batch")

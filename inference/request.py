@@ -14,6 +14,7 @@ import unicodedata
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from inference.errors import InvalidRequest
 from inference.presets import Preset, get_preset
@@ -25,6 +26,8 @@ MAX_SEED = 2**32 - 1
 OUTPUT_FORMATS = ("png", "webp")
 MAX_IMAGES = 4  # variants per request: one user's in-flight cap (MAX_JOBS_PER_USER) defaults to 4 too
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+PRIORITIES = ("interactive", "bulk")  # interactive (people waiting) runs before bulk (the backend's batches)
+MAX_WEBHOOK_URL_CHARS = 2000
 
 
 def canonical_json(value: Any) -> str:
@@ -85,6 +88,25 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _webhook_url(value: Any) -> str:
+    """Shape only (http/https, a host, no credentials); which hosts may be called is the Space's
+    allow-list (queueing.webhooks), checked at submit and again before every delivery."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_WEBHOOK_URL_CHARS:
+        raise InvalidRequest("webhook_url", f"must be an http(s) URL of at most {MAX_WEBHOOK_URL_CHARS} characters")
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise InvalidRequest("webhook_url", "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest("webhook_url", "must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise InvalidRequest("webhook_url", "must not carry credentials; verify the signature header instead")
+    return value.strip()
+
+
 def _request_id(value: Any) -> str:
     if value is None or value == "":
         return uuid.uuid4().hex
@@ -108,6 +130,10 @@ class GenerationRequest:
     output_format: str = "png"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
     seed_was_given: bool = field(default=True, compare=False)
+    # How it is delivered, not what it draws: outside the fingerprint (compare=False), so a bulk or
+    # webhook request is a cache hit for the same image asked interactively, and the reverse.
+    priority: str = field(default="interactive", compare=False)
+    webhook_url: str = field(default="", compare=False)
 
     @classmethod
     def create(
@@ -122,6 +148,8 @@ class GenerationRequest:
         seed: Any = None,
         output_format: Any = "png",
         request_id: Any = None,
+        priority: Any = "interactive",
+        webhook_url: Any = None,
     ) -> GenerationRequest:
         """Validate raw input (from a form, an API call or a message); omitted values take the preset's."""
         if not isinstance(preset, str):
@@ -141,7 +169,9 @@ class GenerationRequest:
         seed_was_given = seed is not None and seed != ""
         # Derived from the other fields: the same request always makes the same image (and hits cache).
         fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(fields_)
-        return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given)
+        return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given,
+                   priority=_choice("priority", priority or "interactive", PRIORITIES),
+                   webhook_url=_webhook_url(webhook_url))
 
     def variants(self, num_images: Any) -> list[GenerationRequest]:
         """This request and num_images - 1 siblings on the next seeds (seed, seed+1, ... wrapping at
@@ -163,6 +193,10 @@ class GenerationRequest:
         """Wire form: the seed is always explicit, so every consumer renders the same image."""
         data = asdict(self)
         del data["seed_was_given"]
+        # Defaults are left out: the message of a plain request is what workers before these fields read.
+        for name, default in (("priority", "interactive"), ("webhook_url", "")):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

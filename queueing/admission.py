@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,15 @@ def scoped_request_id(caller: Caller, chosen: str | None) -> str | None:
     if len(chosen) > MAX_CHOSEN_ID_CHARS:
         raise InvalidRequest("request_id", f"at most {MAX_CHOSEN_ID_CHARS} characters, got {len(chosen)}")
     return f"{caller.scope}:{chosen}"
+
+
+SCOPED_ID = re.compile(r"[au][0-9a-f]{14}:(.+)")
+
+
+def public_request_id(job: Job) -> str:
+    """The id its submitter knows: their chosen id without the scope prefix (webhooks, topics)."""
+    scoped = SCOPED_ID.fullmatch(job.request_id) if job.owner != "kafka" else None
+    return scoped.group(1) if scoped else job.request_id
 
 
 def may_see(job: Job, caller: Caller) -> bool:

@@ -84,7 +84,8 @@ class KafkaWorkerLoop:
 
     def __init__(self, settings: KafkaSettings, worker: Worker, jobs: JobStore, producer: LazyProducer,
                  metrics: Any = None, shutdown_grace_seconds: float = 20.0,
-                 wait_ready: Callable[[float], bool] | None = None, entrance: bool = False) -> None:
+                 wait_ready: Callable[[float], bool] | None = None, entrance: bool = False,
+                 bulk_every: int = 4) -> None:
         self.settings, self.worker, self.jobs, self.producer = settings, worker, jobs, producer
         self.sender = RequestSender(settings, producer)
         self.metrics, self.shutdown_grace_seconds = metrics, shutdown_grace_seconds
@@ -96,7 +97,10 @@ class KafkaWorkerLoop:
         if entrance:
             self.topics, self.group_id = [settings.requests_topic], settings.entrance_group
         else:
-            self.topics, self.group_id = [settings.preset_topic(self.preset)], settings.preset_group(self.preset)
+            self.topics = [settings.preset_topic(self.preset), settings.bulk_topic(self.preset)]
+            self.group_id = settings.preset_group(self.preset)
+        self.bulk_every = bulk_every  # while both topics wait, 1 take in this many is from the bulk topic
+        self._interactive_streak = 0
         self.status = ConsumerStatus()
         # The entrance of a Space with a GPU service routes requests whose producer opted in (route
         # "auto"): queueing.routing.Router and queueing.remote.RemoteBackend, set by the app.
@@ -197,11 +201,43 @@ class KafkaWorkerLoop:
 
     def _consume(self, consumer: KafkaConsumer) -> None:
         while not self._stop.is_set():
-            records = consumer.poll(timeout_ms=500, max_records=1)
+            records = consumer.poll(timeout_ms=500, max_records=1) if self.entrance else self._poll_by_priority(consumer)
             self.status.polled(len(consumer.assignment()))
             for partition, messages in records.items():
                 for message in messages:
+                    self._count_pick(partition)
                     self._process(consumer, partition, message)
+
+    # ---- priorities ---------------------------------------------------------------------------
+    def _poll_by_priority(self, consumer: KafkaConsumer) -> dict:
+        """At most one record, from the interactive topic first: the bulk topic's partitions are paused
+        while it is polled. After bulk_every - 1 interactive takes in a row, the bulk topic is polled
+        first, so bulk work is slowed by a busy UI, never starved. Pausing moves no offset: a record
+        left unread stays where it is (at least once is untouched), it is only fetched again."""
+        assigned = consumer.assignment()
+        bulk = {tp for tp in assigned if tp.topic == self.topics[1]}
+        lanes = [assigned - bulk, bulk]
+        if self.bulk_every > 0 and self._interactive_streak >= self.bulk_every - 1:
+            lanes.reverse()
+        for lane, timeout_ms in zip(lanes, (100, 400)):
+            if not lane:
+                continue
+            consumer.pause(*(assigned - lane))
+            consumer.resume(*lane)
+            records = consumer.poll(timeout_ms=timeout_ms, max_records=1)
+            if records:
+                return records
+            if lane is bulk:  # nothing bulk waits: interactive goes on first until the next turn
+                self._interactive_streak = 0
+        if not assigned:  # joining the group (or nothing assigned): poll() does the group's work
+            return consumer.poll(timeout_ms=500, max_records=1)
+        return {}
+
+    def _count_pick(self, partition: TopicPartition) -> None:
+        lane = "bulk" if not self.entrance and partition.topic == self.topics[-1] else "interactive"
+        self._interactive_streak = 0 if lane == "bulk" else self._interactive_streak + 1
+        if self.metrics and not self.entrance:
+            self.metrics.priority_picks.labels(lane).inc()
 
     # ---- one message ------------------------------------------------------------------------
     def _process(self, consumer: KafkaConsumer, partition: TopicPartition, message) -> None:
@@ -307,7 +343,7 @@ class KafkaWorkerLoop:
         if self.entrance and envelope.route == "auto" and self._sent_remote(request, raw, key, origin):
             return
         if self.entrance or request.preset != self.preset:  # to the workers that serve its preset
-            target = self.settings.preset_topic(request.preset)
+            target = self.settings.topic_for(request)
             self._durably(lambda: self.sender.send_raw(raw, key, target), f"forwarding to {target}")
             logger.info("request %s forwarded to %s", request.request_id, target)
             return
@@ -372,7 +408,7 @@ class KafkaWorkerLoop:
         try:
             self.worker.handle(request, final_attempt=job.attempts + 1 >= self.settings.max_attempts)
         except RetryLater:
-            target = self.settings.preset_topic(request.preset)
+            target = self.settings.topic_for(request)
             self._durably(lambda: self.sender.send_raw(raw, key, target), "re-queueing after a failed attempt")
             return
         job = self.jobs.get(request.request_id) or job

@@ -89,7 +89,8 @@ class FleetBacklog:
         settings = self.settings
         return sum(self._group_lag(group, topic) for group, topic in (
             (settings.entrance_group, settings.requests_topic),
-            (settings.preset_group(self.preset), settings.preset_topic(self.preset))))
+            (settings.preset_group(self.preset), settings.preset_topic(self.preset)),
+            (settings.preset_group(self.preset), settings.bulk_topic(self.preset))))
 
     def _group_lag(self, group: str, topic: str) -> int:
         partitions = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]

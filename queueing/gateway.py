@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from inference.errors import InvalidRequest, QueueFull, QueueUnavailable, UnknownRequest
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest
+from queueing.webhooks import host_of
 from queueing.worker import Worker
 from storage.cache import ResultCache
 from storage.health import BackendHealth
@@ -173,7 +174,10 @@ class Gateway:
             "attempts": job.attempts,
             "result": job.result,
             "error": job.error,
+            "priority": job.request.get("priority", "interactive"),
         }
+        if job.request.get("webhook_url"):  # the host only: the URL's path or query may hold the receiver's token
+            status["webhook"] = {"host": host_of(job.request["webhook_url"]), "deliveries": job.webhook_deliveries}
         if not job.finished and job.backend != "remote":
             status.update(self.queue.wait_estimate())
         return status

@@ -1,7 +1,8 @@
 """Kafka: the fleet's shared request topic, its results topic and its dead-letter topic.
 
 Topics: `<prefix>.requests` (the entrance for any producer), `<prefix>.requests.<preset>` (what the
-workers of one preset read), `<prefix>.results` and `<prefix>.dlq`. The consumer side lives in
+workers of one preset read), `<prefix>.requests.<preset>.bulk` (the same for requests marked bulk,
+read after the interactive topic: queueing.consumer), `<prefix>.results` and `<prefix>.dlq`. The consumer side lives in
 queueing.consumer.
 """
 
@@ -60,6 +61,13 @@ class KafkaSettings:
         here (and counts no attempts) until such a worker joins."""
         return f"{self.topic_prefix}.requests.{preset}"
 
+    def bulk_topic(self, preset: str) -> str:
+        """Bulk requests for one preset: the same workers and group read it, the interactive topic first."""
+        return f"{self.preset_topic(preset)}.bulk"
+
+    def topic_for(self, request: GenerationRequest) -> str:
+        return self.bulk_topic(request.preset) if request.priority == "bulk" else self.preset_topic(request.preset)
+
     @property
     def results_topic(self) -> str:
         return f"{self.topic_prefix}.results"
@@ -78,12 +86,15 @@ class KafkaSettings:
         return options
 
 
-def ensure_topics(settings: KafkaSettings, presets: tuple[str, ...] = ()) -> None:
-    """Create the topics when missing (enough partitions for many workers to share)."""
+def ensure_topics(settings: KafkaSettings, presets: tuple[str, ...] = (), topics: tuple[str, ...] = ()) -> None:
+    """Create the topics when missing (enough partitions for many workers to share): the shared ones,
+    both topics of each preset named, and the topics named."""
     admin = KafkaAdminClient(**settings.client_options())
     try:
-        topics = [settings.requests_topic, settings.results_topic, settings.dlq_topic]
-        for topic in topics + [settings.preset_topic(p) for p in presets]:
+        wanted = [settings.requests_topic, settings.results_topic, settings.dlq_topic, *topics]
+        for preset in presets:
+            wanted += [settings.preset_topic(preset), settings.bulk_topic(preset)]
+        for topic in dict.fromkeys(wanted):
             try:
                 admin.create_topics([NewTopic(topic, settings.partitions, 1)])
                 logger.info("created topic %s with %d partitions", topic, settings.partitions)
@@ -109,8 +120,7 @@ class RequestSender:
         try:
             producer = self.producer.get()
             if topic not in self._ensured and topic != self.settings.requests_topic:
-                # a preset's topic is made by whoever first sends to it
-                ensure_topics(self.settings, (topic.removeprefix(self.settings.requests_topic + "."),))
+                ensure_topics(self.settings, topics=(topic,))  # a preset's topic is made by whoever first sends to it
                 self._ensured.add(topic)
             partitions = sorted(producer.partitions_for(topic))
         except KafkaError as error:
@@ -119,9 +129,9 @@ class RequestSender:
             return partitions[next(self._turn) % len(partitions)]
 
     def send(self, request: GenerationRequest, replayed: bool = False) -> None:
-        """To the request's preset topic, where only workers serving that preset read it."""
+        """To the request's preset topic (or its bulk topic), where only workers serving that preset read it."""
         self.send_raw(encode_request(request, replayed=replayed), routing_key(request).encode(),
-                      self.settings.preset_topic(request.preset))
+                      self.settings.topic_for(request))
 
     def send_raw(self, value: bytes, key: bytes | None, topic: str) -> None:
         self.producer.send(topic, key, value, partition=self._partition(topic))

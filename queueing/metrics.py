@@ -34,6 +34,11 @@ class Metrics:
         self.decision_seconds = Histogram("imagegen_routing_decision_seconds", "Time to decide where a request goes",
                                           buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1), registry=r)
         self.workers = Gauge("imagegen_fleet_workers", "Live workers by preset (heartbeats)", ["preset"], registry=r)
+        self.webhooks = Counter("imagegen_webhook_deliveries_total",
+                                "Webhook POST attempts: delivered, retry (failed, retried) or gave_up", ["outcome"],
+                                registry=r)
+        self.priority_picks = Counter("imagegen_priority_picks_total", "Requests a worker took, by priority lane",
+                                      ["priority"], registry=r)
         self.model_load_seconds = Gauge("imagegen_model_load_seconds", "Time to load and warm up the model",
                                         registry=r)
 
