@@ -1313,7 +1313,8 @@ def build_ui(services: Services):
                 submit_btn = gr.Button("Submit")
                 status_btn = gr.Button("Status")
                 cancel_id_btn = gr.Button("Cancel this id")
-            job_info = gr.JSON(label="Job")
+            # open and tall: the webhook delivery log is nested at the end
+            job_info = gr.JSON(label="Job", open=True, max_height=1400)
 
         inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
         generate_btn.click(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -193,3 +194,33 @@ def fleet(tiny_model, tmp_path, kafka_bootstrap, redis_server, s3_server):
     made = Fleet(tiny_model, tmp_path, kafka_bootstrap, redis_server.url, s3_server, s3_server.bucket())
     yield made
     made.stop_all()
+
+
+# ---- a real browser (Debian's chromium, driven by playwright) --------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One chromium per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def open_form(browser, url: str, prompt: str, height_px: int = 1000, **fields: str):
+    """A new page with the model ready and the form filled: fields by their label (Width="256")."""
+    page = browser.new_page(viewport={"width": 1400, "height": height_px})
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_text("Model ready").wait_for(timeout=30_000)
+    page.locator("#prompt textarea").fill(prompt)
+    for label, value in fields.items():
+        page.get_by_label(label).fill(value)
+    return page
+
+

@@ -3,34 +3,8 @@
 from __future__ import annotations
 
 import re
-import shutil
 
-import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
-def open_form(browser, url: str, prompt: str, height_px: int = 1000, **fields: str):
-    """A new page with the model ready and the form filled: fields by their label (Width="256")."""
-    page = browser.new_page(viewport={"width": 1400, "height": height_px})
-    page.goto(url, wait_until="domcontentloaded")
-    page.get_by_text("Model ready").wait_for(timeout=30_000)
-    page.locator("#prompt textarea").fill(prompt)
-    for label, value in fields.items():
-        page.get_by_label(label).fill(value)
-    return page
+from tests.conftest import open_form
 
 
 def test_type_prompt_click_generate_see_image(browser, app_server, artifacts) -> None:

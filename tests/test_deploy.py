@@ -110,10 +110,12 @@ def test_manifests_agree_with_the_code() -> None:
     kafka = KafkaSettings(bootstrap_servers=settings["KAFKA_BOOTSTRAP_SERVERS"],
                           topic_prefix=settings["KAFKA_TOPIC_PREFIX"],
                           group_id=f"{settings['KAFKA_TOPIC_PREFIX']}.workers")
-    trigger = _by_kind("ScaledObject", "imagegen-gpu-worker")["spec"]["triggers"][0]["metadata"]
-    assert trigger["topic"] == kafka.preset_topic(settings["MODEL_PRESET"])
-    assert trigger["consumerGroup"] == kafka.preset_group(settings["MODEL_PRESET"])
-    assert trigger["bootstrapServers"] == settings["KAFKA_BOOTSTRAP_SERVERS"]
+    triggers = [t["metadata"] for t in _by_kind("ScaledObject", "imagegen-gpu-worker")["spec"]["triggers"]]
+    preset = settings["MODEL_PRESET"]
+    assert [t["topic"] for t in triggers] == [kafka.preset_topic(preset), kafka.bulk_topic(preset)]
+    for trigger in triggers:
+        assert trigger["consumerGroup"] == kafka.preset_group(preset)
+        assert trigger["bootstrapServers"] == settings["KAFKA_BOOTSTRAP_SERVERS"]
 
     worker = _by_kind("Deployment", "imagegen-gpu-worker")["spec"]["template"]["spec"]
     container = worker["containers"][0]

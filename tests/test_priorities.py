@@ -15,7 +15,7 @@ from gradio_client import Client
 from inference.errors import InvalidRequest
 from inference.request import GenerationRequest
 from queueing.local import LocalQueue
-from tests.conftest import start_app, stop_app
+from tests.conftest import open_form, start_app, stop_app
 
 SMALL = {"width": 256, "height": 256, "steps": 2, "guidance_scale": 5.0}
 
@@ -138,3 +138,24 @@ def test_fleet_worker_takes_the_interactive_topic_first_without_starving_bulk(fl
     ranks = [order.index(rid) for rid in urgent]
     assert max(ranks) <= 4, (ranks, order)  # FIFO: 6, 7, 8
     assert any(rid in bulk for rid in order[:4]), order  # never starved: 1 take in 3 is bulk
+
+
+def test_page_request_overtakes_the_backends_bulk_backlog(browser, tiny_model, tmp_path, artifacts) -> None:
+    """A designer clicks Generate while the backend's bulk batch waits: the page's image comes first."""
+    app = start_app(tiny_model, tmp_path, MODEL_PRESET="base", WARMUP="0", MAX_JOBS_PER_USER="0",
+                    RATE_LIMIT_PER_HOUR="0")
+    try:
+        client = Client(app.url, verbose=False)
+        page = open_form(browser, app.url, "a designer's urgent shield icon", height_px=1100, Width="256",
+                         Height="256", Steps="2", Seed="5")
+        items = [{"prompt": f"bulk floor tile {i}", "preset": "base", "width": 512, "height": 512, "steps": 12,
+                  "guidance_scale": 5.0, "seed": i, "priority": "bulk"} for i in range(4)]
+        bulk = [outcome["request_id"] for outcome in client.predict(items, api_name="/submit_batch")]
+        page.locator("#generate").click()
+        page.locator("#result-image img").wait_for(state="visible", timeout=120_000)
+        states = [client.predict(rid, api_name="/status")["state"] for rid in bulk]
+        assert states.count("done") <= 1 and states[-1] == "queued", states  # FIFO would make the page wait for all
+        page.screenshot(path=str(artifacts / "priority.png"), full_page=True)
+        assert all(s["state"] == "done" for s in client.predict(bulk, 300, api_name="/wait_all").values())
+    finally:
+        stop_app(app)

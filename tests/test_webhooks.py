@@ -218,3 +218,22 @@ def test_topic_request_with_a_webhook_is_posted_by_the_worker_that_ran_it(fleet,
     assert len(receiver.wait_for("/hooks/topic", 1)) == 1
     _, jobs = fleet.redis_fleet()
     assert jobs.get("topic-31").webhook_deliveries[0]["delivered"] is True
+
+
+def test_the_jobs_panel_shows_the_webhook_delivery_log(browser, webhook_app, receiver, artifacts) -> None:
+    client = Client(webhook_app.url, verbose=False)
+    receiver.fail_first["/hooks/ui"] = 1
+    rid = client.predict("a lighthouse for the harbour level", **FIELDS, seed=41, request_id="harbour-41",
+                         webhook_url=receiver.url("/hooks/ui"), api_name="/submit")
+    _status_when(client, rid, lambda s: len(s["webhook"]["deliveries"]) >= 2)
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(webhook_app.url, wait_until="domcontentloaded")
+    page.get_by_text("Jobs (queue without waiting").click()
+    page.get_by_label("Request id").fill("harbour-41")
+    page.get_by_role("button", name="Status", exact=True).click()
+    page.get_by_text("deliveries").first.wait_for(timeout=20_000)
+    page.get_by_text("204").first.wait_for(timeout=20_000)
+    shown = "".join(page.locator("body").inner_text().split())  # the viewer breaks lines
+    assert '"status_code":500' in shown and '"status_code":204' in shown, shown[-2000:]
+    page.get_by_text("204").first.scroll_into_view_if_needed()  # the log is at the end of the Job box
+    page.screenshot(path=str(artifacts / "webhooks.png"), full_page=True)
