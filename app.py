@@ -27,10 +27,13 @@ from urllib.parse import urlsplit
 import anyio
 import gradio as gr
 
-from inference.errors import GenerationError, QueueFull, QueueUnavailable, TooManyRequests, UnknownRequest
+from inference.errors import (GenerationError, InvalidRequest, QueueFull, QueueUnavailable, TooManyRequests,
+                              UnknownRequest)
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
-from inference.request import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest
+from inference.images import init_image_key, prepare_init_image
+from inference.request import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE,
+                               GenerationRequest)
 from queueing.admission import Admission, Caller, identify, may_see, public_request_id, scoped_request_id
 from queueing.connectivity import check_all, kafka_endpoints, redis_endpoints, url_endpoint
 from queueing.gateway import FallbackQueue, Gateway
@@ -42,7 +45,7 @@ from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
 from storage.jobs import Job, MemoryJobStore
 from storage.limits import MemoryInflightLimit, MemoryRateLimiter
-from storage.objects import FailoverObjectStore, LocallyCachedStore, LocalObjectStore
+from storage.objects import FailoverObjectStore, LocallyCachedStore, LocalObjectStore, StoreUnavailable
 
 logger = logging.getLogger("app")
 
@@ -813,6 +816,20 @@ class RawNumber(gr.Number):
         return "number"  # the same widget in the browser
 
 
+class RawImage(gr.Image):
+    """An image upload that reaches our validation as the uploaded file (its path in Gradio's upload
+    cache, checked by Gradio): gr.Image would decode and re-encode it first, refusing a bad file with a
+    message that names no field, and hashing its re-encoding instead of the picture sent."""
+
+    def preprocess(self, payload: Any) -> str | None:
+        if payload is None:
+            return None
+        return payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+
+    def get_block_name(self) -> str:
+        return "image"  # the same widget in the browser
+
+
 def caller_of(request: gr.Request | None, profile: gr.OAuthProfile | None, trusted_hops: int) -> Caller:
     """The signed-in Hugging Face user, else the address the platform's proxy appended (never a
     header value the client chose: see queueing.admission)."""
@@ -847,7 +864,8 @@ class Handlers:
         return caller_of(request, profile, self.services.settings.trusted_proxy_hops)
 
     def _request(self, caller: Caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                 seed, request_id=None, priority="interactive", webhook_url=""):
+                 seed, request_id=None, priority="interactive", webhook_url="", init_image=None, strength=None):
+        """Blocking (an uploaded start image is stored): async handlers call it in a worker thread."""
         if seed == DERIVED_SEED:
             seed = None
         try:
@@ -855,12 +873,32 @@ class Handlers:
             generation = GenerationRequest.create(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                 self.services.settings.output_format, chosen, priority=priority, webhook_url=webhook_url,
+                init_image=self._store_init_image(init_image), strength=strength if init_image else None,
             )
             self.services.webhooks.check(generation.webhook_url)
             scoped = scoped_request_id(caller, chosen)
         except GenerationError as error:
-            raise gr.Error(str(error), title="Invalid input") from None
+            title = "Storage unavailable" if isinstance(error, StoreUnavailable) else "Invalid input"
+            raise gr.Error(str(error), title=title) from None
         return dataclasses.replace(generation, request_id=scoped) if scoped else generation
+
+    def _store_init_image(self, path: Any) -> str:
+        """An uploaded start image goes to the object store, where any worker of the fleet reads it (a
+        message carries only its hash); returns that sha256, or "" without one."""
+        if not path:
+            return ""
+        if not isinstance(path, str):
+            raise InvalidRequest("init_image", "must be an image file")
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            raise InvalidRequest("init_image", "could not be read (upload it again)") from None
+        sha, png = prepare_init_image(data)
+        stored = self.services.objects.put(init_image_key(sha), png, "image/png")
+        if not stored.persisted:  # only this Space would have it: a fleet worker could not render it
+            raise StoreUnavailable("init_image: the object store is unavailable, so other workers could not "
+                                   "read the image; try again shortly")
+        return sha
 
     def _submit(self, request: GenerationRequest, caller: Caller, chosen: bool) -> Job:
         try:
@@ -880,8 +918,8 @@ class Handlers:
 
     @not_an_mcp_tool
     async def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                       request: gr.Request, profile: gr.OAuthProfile | None = None,
-                       progress=gr.Progress()) -> AsyncIterator[tuple]:
+                       init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
+                       profile: gr.OAuthProfile | None = None, progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate one image and wait for it (progress is streamed). Returns the image file, its metadata
         (seed, URL, timings, worker) and the request id.
 
@@ -894,18 +932,22 @@ class Handlers:
             steps: denoising steps, 1..the preset's maximum.
             guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
             seed: -1 derives the seed from the other fields (same request, same image), else 0..4294967295.
+            init_image: optional start image (a sketch; PNG, JPEG or WebP, at most 2048 px a side): the
+                result follows its layout and colours. Empty: text to image.
+            strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
+                steps x strength must be at least 1). Ignored without init_image.
         """
         # One image is the one-variant case of the page's button: the same path, without "variants".
         async for image, metadata, _, ids, _ in self.generate_variants(
-                prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed, 1, request, profile,
-                progress):
+                prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed, 1, init_image, strength,
+                request, profile, progress):
             if isinstance(metadata, dict):
                 metadata = {key: value for key, value in metadata.items() if key != "variants"}
             yield image, metadata, ids[0]
 
     async def generate_image(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                             request: gr.Request, profile: gr.OAuthProfile | None = None,
-                             progress=gr.Progress()) -> str:
+                             init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
+                             profile: gr.OAuthProfile | None = None, progress=gr.Progress()) -> str:
         """Generate one game-art image for Crafterse and return it (with its URL). The same request
         (prompt, settings and seed) returns the same image, from the cache. To queue without waiting, or
         to get the seed and timings, use submit and then status.
@@ -919,16 +961,22 @@ class Handlers:
             steps: denoising steps, 1..the preset's maximum (turbo: 1, lightning: 4).
             guidance_scale: classifier-free guidance, 0..20 (0 for turbo and lightning).
             seed: -1 derives the seed from the other fields (same request, same image), else 0..4294967295.
+            init_image: optional start image (a sketch; PNG, JPEG or WebP, at most 2048 px a side): the
+                result follows its layout and colours. Empty: text to image.
+            strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
+                steps x strength must be at least 1). Ignored without init_image.
         """
         image = None
         async for image, _, _ in self.generate(prompt, negative_prompt, preset, width, height, steps,
-                                               guidance_scale, seed, request, profile, progress):
+                                               guidance_scale, seed, init_image, strength, request, profile,
+                                               progress):
             pass  # the last value is the finished image; failures raise gr.Error with the reason
         return image
 
     @not_an_mcp_tool
     async def generate_variants(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                                num_images=1, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                                num_images=1, init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
+                                profile: gr.OAuthProfile | None = None,
                                 progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate num_images variants of one request (seeds seed, seed+1, ...) and wait for all (the
         page's Generate button). Each variant is a request of its own: its own id, cache entry and
@@ -945,10 +993,16 @@ class Handlers:
             guidance_scale: classifier-free guidance, 0..20 (0 for turbo/lightning).
             seed: the first variant's seed: -1 derives it from the other fields, else 0..4294967295.
             num_images: how many variants, 1..4 (each counts as one request against your limits).
+            init_image: optional start image (a sketch; PNG, JPEG or WebP, at most 2048 px a side): the
+                result follows its layout and colours. Empty: text to image.
+            strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
+                steps x strength must be at least 1). Ignored without init_image.
         """
         started = time.perf_counter()
         caller = self._caller(request, profile)
-        first = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed)
+        first = await anyio.to_thread.run_sync(lambda: self._request(
+            caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
+            init_image=init_image, strength=strength))
         try:
             generations = first.variants(num_images)
         except GenerationError as error:
@@ -1018,6 +1072,8 @@ class Handlers:
         metadata = dict(done[0].result, seed_derived=not first.seed_was_given and done[0] is jobs[0],
                         variants=summaries)
         metadata["timings"] = dict(metadata.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
+        if first.init_image:  # img2img: which start image (its sha256, the key in the object store) and how far
+            metadata.update(init_image=first.init_image, strength=first.strength)
         gallery = [(path, self._caption(job.result)) for path, job in zip(files, done)]
         # Each image's own metadata, for a click on its thumbnail (the first one's is the one shown).
         shown = [(path, metadata if job is done[0] else dict(job.result, variants=summaries))
@@ -1058,7 +1114,8 @@ class Handlers:
 
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                request_id: str | None = None, priority: str = "interactive", webhook_url: str = "",
-               request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> str:
+               init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
+               profile: gr.OAuthProfile | None = None) -> str:
         """Queue a request without waiting; returns its request id for status and cancel.
 
         Args:
@@ -1077,10 +1134,14 @@ class Handlers:
                 interactive requests run first; bulk still gets at least 1 run in BULK_EVERY.
             webhook_url: optional http(s) URL on a host in WEBHOOK_ALLOWED_HOSTS; when the request is
                 done or failed it receives one signed POST (Standard Webhooks headers) per state.
+            init_image: optional start image (a sketch; PNG, JPEG or WebP, at most 2048 px a side): the
+                result follows its layout and colours. Empty: text to image.
+            strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
+                steps x strength must be at least 1). Ignored without init_image.
         """
         caller = self._caller(request, profile)
         generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                                   seed, request_id, priority, webhook_url)
+                                   seed, request_id, priority, webhook_url, init_image, strength)
         self._submit(generation, caller, chosen=bool((request_id or "").strip()))
         return (request_id or "").strip() or generation.request_id
 
@@ -1297,6 +1358,12 @@ def build_ui(services: Services):
                     randomize = gr.Button("Randomize seed", size="sm")
                 num_images = RawNumber(1, label="Images", precision=0, elem_id="num-images",
                                        info=f"variants per click, 1..{MAX_IMAGES} (seeds seed, seed+1, ...)")
+                with gr.Accordion("Start from a sketch (optional)", open=False, elem_id="sketch-panel"):
+                    init_image = RawImage(label="Sketch", type="filepath", sources=["upload", "clipboard"],
+                                          elem_id="init-image", height=220)
+                    strength = RawNumber(DEFAULT_STRENGTH, label="Strength", step=0.05, elem_id="strength",
+                                         info="how far the image may move from the sketch: above 0 up to 1 "
+                                              "(steps x strength must be at least 1)")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", variant="stop")
@@ -1317,25 +1384,28 @@ def build_ui(services: Services):
             job_info = gr.JSON(label="Job", open=True, max_height=1400)
 
         inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
+        sketch = [init_image, strength]
         generate_btn.click(
-            handlers.generate_variants, inputs + [num_images], [image, metadata, variants, request_state, shown_state],
+            handlers.generate_variants, inputs + [num_images] + sketch,
+            [image, metadata, variants, request_state, shown_state],
             api_name="generate_variants", concurrency_limit=None,
         ).then(_add_to_gallery, [shown_state, gallery_state], [gallery, gallery_state], api_visibility="private")
         variants.select(_show_variant, shown_state, [image, metadata], api_visibility="private")
         # One image and its metadata, for clients (the page's button makes variants).
-        gr.Button(visible=False).click(handlers.generate, inputs, [image, metadata, request_state], api_name="generate",
-                                       concurrency_limit=None)
+        gr.Button(visible=False).click(handlers.generate, inputs + sketch, [image, metadata, request_state],
+                                       api_name="generate", concurrency_limit=None)
         cancel_btn.click(handlers.cancel_current, request_state, job_info, api_name="cancel_current",
                          api_visibility="private")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
         # The endpoint for agents (MCP) and any client that wants only the image: one output.
         agent_image = gr.Image(type="filepath", format="png", visible=False)
-        gr.Button(visible=False).click(handlers.generate_image, inputs, agent_image, api_name="generate_image",
-                                       concurrency_limit=None)
+        gr.Button(visible=False).click(handlers.generate_image, inputs + sketch, agent_image,
+                                       api_name="generate_image", concurrency_limit=None)
         # API-only inputs of /submit, with their defaults (clients may leave them out).
         priority = gr.Textbox("interactive", visible=False)
         webhook_url = gr.Textbox("", visible=False)
-        submit_btn.click(handlers.submit, inputs + [request_id, priority, webhook_url], request_id, api_name="submit")
+        submit_btn.click(handlers.submit, inputs + [request_id, priority, webhook_url] + sketch, request_id,
+                         api_name="submit")
         # The backend's batch: API (and MCP) only, no widgets.
         gr.Button(visible=False).click(handlers.submit_batch, gr.JSON(visible=False), gr.JSON(visible=False),
                                        api_name="submit_batch")

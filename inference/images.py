@@ -2,15 +2,62 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from inference.request import GenerationRequest
+from inference.errors import InvalidRequest
+from inference.request import MAX_SIDE, GenerationRequest
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp"}
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
+MAX_INIT_IMAGE_BYTES = 20 * 1024 * 1024
+INIT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Modes with one obvious RGB reading; CMYK, 16-bit and float images need a colour decision we will not guess.
+INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
+
+
+def init_image_key(sha256: str) -> str:
+    """Where an uploaded start image lives in the object store (content-addressed, like the outputs)."""
+    return f"inputs/{sha256[:2]}/{sha256}.png"
+
+
+def prepare_init_image(data: bytes) -> tuple[str, bytes]:
+    """A start image as the fleet stores it: (sha256 of its RGB pixels, PNG bytes). The hash is of the
+    pixels, not the file, so the same picture saved twice is one image, one fingerprint. Refuses what
+    is not an image, too large, or in a mode without an obvious RGB reading, naming the field."""
+    if len(data) > MAX_INIT_IMAGE_BYTES:
+        raise InvalidRequest("init_image", f"is {len(data) / 1e6:.1f} MB; at most {MAX_INIT_IMAGE_BYTES // 2**20} MB")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.size  # noqa: B018 (the header is read lazily)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise InvalidRequest("init_image", "is not an image (PNG, JPEG or WebP)") from None
+    if image.format not in INIT_IMAGE_FORMATS:
+        raise InvalidRequest("init_image", f"is {image.format}; use PNG, JPEG or WebP")
+    if max(image.size) > MAX_SIDE:
+        raise InvalidRequest("init_image", f"is {image.width}x{image.height}; at most {MAX_SIDE} pixels a side")
+    if image.mode not in INIT_IMAGE_MODES:
+        raise InvalidRequest("init_image", f"has mode {image.mode}; use an RGB or RGBA image (8 bits a channel)")
+    try:
+        rgb = _to_rgb(image)
+    except OSError:
+        raise InvalidRequest("init_image", "is truncated or corrupt") from None
+    sha = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    return sha, buffer.getvalue()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Transparency becomes white (a sketch on a transparent canvas is a sketch on paper)."""
+    if image.mode in ("RGBA", "LA", "PA", "P"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def parameters_text(request: GenerationRequest, sampler: str, model: str) -> str:
@@ -24,6 +71,8 @@ def parameters_text(request: GenerationRequest, sampler: str, model: str) -> str
             ("Seed", request.seed),
             ("Size", f"{request.width}x{request.height}"),
             ("Model", model),
+            *((("Denoising strength", f"{request.strength:g}"), ("Init image hash", request.init_image[:12]))
+              if request.init_image else ()),
         )
     )
     lines = [request.prompt]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -92,6 +93,7 @@ class ImagePipeline:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self._pipe: diffusers.DiffusionPipeline | None = None
+        self._img2img: diffusers.DiffusionPipeline | None = None  # the same components, made on first use
         self.compiled = None  # inference.compiled.CompiledUNet once compiling is chosen
         self.prepacked: str | None = None  # what prepacking did, or why it did not (for /healthz)
         self._ready = threading.Event()
@@ -270,13 +272,31 @@ class ImagePipeline:
             raise ModelUnavailable(self.error)
         return finished and self.ready
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck) -> Image.Image:
+    def generate(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck,
+                 init_image: Image.Image | None = None) -> Image.Image:
+        """init_image: the start image of an img2img request (request.init_image is its hash)."""
         self.wait_ready()
-        return self._run(request, on_step, should_cancel)
+        return self._run(request, on_step, should_cancel, init_image)
 
-    def _run(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck) -> Image.Image:
+    def _image_to_image(self) -> diffusers.DiffusionPipeline:
+        """The img2img pipeline over the loaded components (from_pipe: no second copy of any weight,
+        prepacked or compiled UNet included)."""
+        if self._img2img is None:
+            self._img2img = diffusers.AutoPipelineForImage2Image.from_pipe(self._pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def _arguments(self, request: GenerationRequest, init_image: Image.Image | None) -> tuple[Any, dict]:
+        if init_image is None:
+            return self._pipe, {"width": request.width, "height": request.height}
+        image = init_image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
+        return self._image_to_image(), {"image": image, "strength": request.strength}
+
+    def _run(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck,
+             init_image: Image.Image | None = None) -> Image.Image:
         assert self._pipe is not None
-        total = request.steps
+        # img2img runs the last int(steps x strength) steps of the schedule (diffusers' rule).
+        total = int(request.steps * request.strength) if init_image is not None else request.steps
 
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             on_step(step + 1, total)
@@ -289,11 +309,11 @@ class ImagePipeline:
             raise Cancelled(f"request {request.request_id} was cancelled before it started")
         with self._lock:
             try:
-                output = self._pipe(
+                pipe, arguments = self._arguments(request, init_image)
+                output = pipe(
                     prompt=request.prompt,
                     negative_prompt=request.negative_prompt or None,
-                    width=request.width,
-                    height=request.height,
+                    **arguments,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     # A CPU generator gives the same starting noise on every device.

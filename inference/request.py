@@ -26,6 +26,8 @@ MAX_SEED = 2**32 - 1
 OUTPUT_FORMATS = ("png", "webp")
 MAX_IMAGES = 4  # variants per request: one user's in-flight cap (MAX_JOBS_PER_USER) defaults to 4 too
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+DEFAULT_STRENGTH = 0.6  # img2img: how far from the sketch the result may go (1.0: nothing of it is kept)
 PRIORITIES = ("interactive", "bulk")  # interactive (people waiting) runs before bulk (the backend's batches)
 MAX_WEBHOOK_URL_CHARS = 2000
 
@@ -107,6 +109,26 @@ def _webhook_url(value: Any) -> str:
     return value.strip()
 
 
+def _init_image(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
+        raise InvalidRequest("init_image", "must be the sha256 (64 lowercase hex digits) of an uploaded image "
+                                           "(inputs/<first 2>/<sha256>.png in the object store)")
+    return value
+
+
+def _strength(value: Any, steps: int) -> float:
+    value = DEFAULT_STRENGTH if value is None or value == "" else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidRequest("strength", f"must be a number in 0..1 (above 0), got {value!r}")
+    if int(steps * value) < 1:  # diffusers runs int(steps * strength) steps of the schedule
+        raise InvalidRequest("strength", f"{value:g} with {steps} steps runs no denoising step: steps x strength "
+                                         f"must be at least 1 (raise steps or strength)")
+    return round(float(value), 4)
+
+
 def _request_id(value: Any) -> str:
     if value is None or value == "":
         return uuid.uuid4().hex
@@ -128,6 +150,11 @@ class GenerationRequest:
     guidance_scale: float
     seed: int
     output_format: str = "png"
+    # img2img: the sha256 of the start image (stored under inputs/ in the object store: never in a
+    # message) and how much it may change. Empty/0.0 for text-to-image, and then left out of the
+    # fingerprint and the wire form, so text-to-image fingerprints are what they always were.
+    init_image: str = ""
+    strength: float = 0.0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
     seed_was_given: bool = field(default=True, compare=False)
     # How it is delivered, not what it draws: outside the fingerprint (compare=False), so a bulk or
@@ -150,6 +177,8 @@ class GenerationRequest:
         request_id: Any = None,
         priority: Any = "interactive",
         webhook_url: Any = None,
+        init_image: Any = None,
+        strength: Any = None,
     ) -> GenerationRequest:
         """Validate raw input (from a form, an API call or a message); omitted values take the preset's."""
         if not isinstance(preset, str):
@@ -166,9 +195,12 @@ class GenerationRequest:
             "output_format": _choice("output_format", output_format or "png", OUTPUT_FORMATS),
         }
         chosen.check_size(fields_["width"], fields_["height"])
+        fields_["init_image"] = _init_image(init_image)
+        fields_["strength"] = _strength(strength, fields_["steps"]) if fields_["init_image"] else 0.0
         seed_was_given = seed is not None and seed != ""
         # Derived from the other fields: the same request always makes the same image (and hits cache).
-        fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(fields_)
+        fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(
+            {k: v for k, v in fields_.items() if fields_["init_image"] or k not in ("init_image", "strength")})
         return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given,
                    priority=_choice("priority", priority or "interactive", PRIORITIES),
                    webhook_url=_webhook_url(webhook_url))
@@ -187,14 +219,18 @@ class GenerationRequest:
 
     def pixel_fields(self) -> dict[str, Any]:
         """Everything in the request that changes the output bytes (the model is added by storage.keys)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        pixels = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        if not self.init_image:
+            del pixels["init_image"], pixels["strength"]
+        return pixels
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form: the seed is always explicit, so every consumer renders the same image."""
         data = asdict(self)
         del data["seed_was_given"]
         # Defaults are left out: the message of a plain request is what workers before these fields read.
-        for name, default in (("priority", "interactive"), ("webhook_url", "")):
+        for name, default in (("priority", "interactive"), ("webhook_url", ""), ("init_image", ""),
+                              ("strength", 0.0)):
             if data[name] == default:
                 del data[name]
         return data

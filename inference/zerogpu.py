@@ -62,15 +62,15 @@ class ZeroGPUPipeline:
     def __getattr__(self, name: str) -> Any:  # state, device, dtype, ready, wait_ready, start_loading...
         return getattr(self._pipeline, name)
 
-    def duration(self, request: GenerationRequest) -> int:
+    def duration(self, request: GenerationRequest, init_image: Any = None) -> int:
         return gpu_seconds(request, self.seconds_per_step)
 
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int], None],
-                 should_cancel: Callable[[], bool]) -> Any:
+                 should_cancel: Callable[[], bool], init_image: Any = None) -> Any:
         self._pipeline.wait_ready()
         if should_cancel():
             raise Cancelled(f"request {request.request_id} was cancelled before it started")
-        steps = self._on_gpu(request)
+        steps = self._on_gpu(request, init_image)
         try:
             for kind, *payload in steps:
                 if kind == "step":
@@ -90,7 +90,7 @@ class ZeroGPUPipeline:
             steps.close()  # on ZeroGPU this stops the forked process at its next step
         raise GenerationFailed("ZeroGPU: the GPU call ended without an image")
 
-    def _steps_on_gpu(self, request: GenerationRequest) -> Iterator[tuple]:
+    def _steps_on_gpu(self, request: GenerationRequest, init_image: Any = None) -> Iterator[tuple]:
         """Runs in ZeroGPU's forked process: generates in a thread (diffusers calls back per step, a
         generator cannot yield from a callback) and yields ("step", n, total) events, then
         ("image", image) or ("failed", message)."""
@@ -100,7 +100,7 @@ class ZeroGPUPipeline:
         def render() -> None:
             try:
                 image = self._pipeline.generate(request, on_step=lambda step, total: events.put(("step", step, total)),
-                                                should_cancel=closed.is_set)
+                                                should_cancel=closed.is_set, init_image=init_image)
                 events.put(("image", image))
             except Cancelled:
                 events.put(("cancelled",))

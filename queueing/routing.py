@@ -55,6 +55,8 @@ class Router:
         return decision
 
     def _decide(self, request: GenerationRequest) -> Decision:
+        if request.init_image:  # the prediction service's inputs have no start image
+            return self._stay("img2img", "img2img requests stay on the fleet (the GPU service takes no start image)")
         wanted = self._wants_remote(request)
         if wanted is None:
             return self._stay("within capacity", self._within_words())

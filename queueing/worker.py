@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from inference.errors import Cancelled, GenerationError, GenerationFailed
-from inference.images import CONTENT_TYPES, encode, parameters_text
+from inference.images import CONTENT_TYPES, encode, init_image_key, parameters_text
 from inference.logcontext import request_context
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest, GenerationResult
@@ -33,7 +34,8 @@ class RetryLater(Exception):
 
 
 class ImageGenerator(Protocol):
-    def generate(self, request: GenerationRequest, on_step, should_cancel) -> Image.Image: ...
+    def generate(self, request: GenerationRequest, on_step, should_cancel,
+                 init_image: Image.Image | None = None) -> Image.Image: ...
 
 
 class Worker:
@@ -248,18 +250,33 @@ class Worker:
         ).to_dict()
 
     def _render(self, request: GenerationRequest, fp: str) -> bytes:
+        init_image = self._init_image(request)
         started = time.perf_counter()
         self.generations += 1
         image = self.generator.generate(
             request,
             on_step=lambda step, total: self._on_step(request, fp, step, total),
             should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
+            **({"init_image": init_image} if init_image is not None else {}),
         )
         seconds = time.perf_counter() - started
         self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * seconds
         if self.metrics:
             self.metrics.generation_seconds.labels(request.preset).observe(seconds)
         return encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
+
+    def _init_image(self, request: GenerationRequest) -> Image.Image | None:
+        """An img2img request's start image, from the object store (a message carries only its hash)."""
+        if not request.init_image:
+            return None
+        try:
+            data = self.objects.get(init_image_key(request.init_image))
+        except StoreUnavailable:
+            raise
+        except Exception as error:  # a missing key reads differently on disk, S3 and the failover store
+            raise GenerationFailed(f"init_image {request.init_image[:12]}... is not in the object store "
+                                   f"({type(error).__name__}); upload it again") from error
+        return Image.open(io.BytesIO(data)).convert("RGB")
 
     def _count(self, counter: str) -> None:
         if self.metrics:

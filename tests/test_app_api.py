@@ -28,9 +28,13 @@ def test_api_lists_the_documented_endpoints(client) -> None:
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/generate", "/submit", "/status", "/cancel"} <= set(api)
     generate_params = [p["parameter_name"] for p in api["/generate"]["parameters"]]
-    assert generate_params == ["prompt", "negative_prompt", "preset", "width", "height", "steps",
-                               "guidance_scale", "seed"]
-    assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == generate_params + ["request_id"]
+    fields = ["prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed"]
+    sketch = ["init_image", "strength"]
+    assert generate_params == fields + sketch
+    assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == fields + [
+        "request_id", "priority", "webhook_url"] + sketch
+    optional = {p["parameter_name"] for p in api["/submit"]["parameters"] if p["parameter_has_default"]}
+    assert {"negative_prompt", "priority", "webhook_url", "init_image", "strength"} <= optional
     assert len(api["/generate"]["returns"]) == 2  # the image and its metadata; UI state stays private
 
 
