@@ -100,7 +100,8 @@ class ZeroGPUPipeline:
         def render() -> None:
             try:
                 image = self._pipeline.generate(request, on_step=lambda step, total: events.put(("step", step, total)),
-                                                should_cancel=closed.is_set, init_image=init_image)
+                                                should_cancel=closed.is_set,
+                                                **({"init_image": init_image} if init_image is not None else {}))
                 events.put(("image", image))
             except Cancelled:
                 events.put(("cancelled",))
