@@ -30,8 +30,9 @@ import gradio as gr
 from inference.errors import (GenerationError, InvalidRequest, QueueFull, QueueUnavailable, TooManyRequests,
                               UnknownRequest)
 from inference.logcontext import RequestIdFilter, request_context
-from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, ModelIdentity, get_preset
+from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, TAESDXL, ModelIdentity, get_preset
 from inference.images import init_image_key, prepare_init_image
+from inference.preview import image_from_data_url
 from inference.request import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE,
                                GenerationRequest)
 from queueing.admission import Admission, Caller, identify, may_see, public_request_id, scoped_request_id
@@ -321,6 +322,9 @@ class Settings:
     zero_gpu_seconds_per_step: float = 0.5  # the GPU duration asked per UNet pass per megapixel
     batch_max_requests: int = 16  # BATCH_MAX_REQUESTS: requests per /submit_batch call
     mcp_server: bool = True  # MCP_SERVER: the API endpoints as MCP tools at /gradio_api/mcp/ (for agents)
+    previews: bool = True  # PREVIEWS: live previews of running generations (inference/preview.py)
+    preview_every_steps: int = 2  # PREVIEW_EVERY_STEPS
+    preview_vae_id: str | None = None  # PREVIEW_VAE_ID: TAESD for previews when the model's VAE is the full one
     bulk_every: int = 4  # BULK_EVERY: while both wait, at least 1 of this many runs is a bulk request (0: never first)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -356,6 +360,9 @@ class Settings:
             mcp_server=read.flag("MCP_SERVER", True),
             batch_max_requests=read.int("BATCH_MAX_REQUESTS", 16, minimum=1),
             bulk_every=read.int("BULK_EVERY", 4),
+            previews=read.flag("PREVIEWS", True),
+            preview_every_steps=read.int("PREVIEW_EVERY_STEPS", 2, minimum=1),
+            preview_vae_id=read.str("PREVIEW_VAE_ID"),
             webhooks=WebhookSettings(
                 allowed_hosts=tuple(h.strip().lower() for h in (read.str("WEBHOOK_ALLOWED_HOSTS") or "").split(",")
                                     if h.strip()),
@@ -583,7 +590,9 @@ def build_pipeline(settings: Settings):
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
     pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup, settings.compile,
-                                         settings.compile_cache_dir, settings.prepack))
+                                         settings.compile_cache_dir, settings.prepack, settings.previews,
+                                         settings.preview_every_steps,
+                                         settings.preview_vae_id or TAESDXL))
     return pipeline, preset, identity
 
 
@@ -1012,9 +1021,14 @@ class Handlers:
         try:
             if not all(job.finished for job in jobs):  # the Cancel button needs the ids first
                 yield gr.skip(), gr.skip(), gr.skip(), ids, gr.skip()
+                shown_preview = ""
                 async for jobs in self._follow_all(jobs):
                     desc = await anyio.to_thread.run_sync(self._variants_text, jobs)  # may ask Redis
-                    self._show_progress(progress, self._running(jobs) or jobs[0], desc)
+                    running = self._running(jobs) or jobs[0]
+                    self._show_progress(progress, running, desc)
+                    if running.preview and running.preview != shown_preview:  # the image as it forms
+                        shown_preview = running.preview
+                        yield image_from_data_url(running.preview), gr.skip(), gr.skip(), ids, gr.skip()
         finally:
             for job in jobs:
                 self.admission.release(caller, job.request_id)

@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 
 from inference.errors import Cancelled, GenerationFailed, ModelUnavailable, UnsupportedOnDevice
-from inference.presets import ModelIdentity, Preset
+from inference.presets import TAESDXL, ModelIdentity, Preset
+from inference.preview import PreviewDecoder
 from inference.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+PreviewCallback = Callable[[bytes], None]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class LoadOptions:
     compile: str = "off"  # on | off: see inference/compiled.py
     compile_cache: Path = Path("~/.cache/crafterse/compile")
     prepack: str = "auto"  # auto | on | off: see inference/prepack.py
+    previews: bool = True  # live previews: see inference/preview.py
+    preview_every_steps: int = 2
+    preview_vae: str = TAESDXL  # the tiny VAE for previews when the model's own VAE is the full one
 
 
 def cpu_supports_bf16() -> bool:
@@ -96,6 +101,7 @@ class ImagePipeline:
         self._img2img: diffusers.DiffusionPipeline | None = None  # the same components, made on first use
         self.compiled = None  # inference.compiled.CompiledUNet once compiling is chosen
         self.prepacked: str | None = None  # what prepacking did, or why it did not (for /healthz)
+        self.preview: PreviewDecoder | None = None  # set once loaded when PREVIEWS is on and a tiny VAE is there
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -122,6 +128,7 @@ class ImagePipeline:
                 self._start_compiling(pipe)
             else:
                 self._prepack(pipe)
+            self.preview = self._preview_decoder(pipe)
             if self.options.warmup or self.compiled is not None:
                 self._set_state("warming up", "one small warm-up generation")
                 self._warm_up()
@@ -140,6 +147,26 @@ class ImagePipeline:
         self.state, self.detail = state, detail
         # A failure is reported once, by whoever waits on the model (the app logs it and exits).
         logger.log(logging.DEBUG if state == "failed" else logging.INFO, "model %s: %s", state, detail)
+
+    @property
+    def previews(self) -> bool:
+        """Whether generate() can send previews (the worker asks before passing on_preview)."""
+        return self.preview is not None
+
+    def _preview_decoder(self, pipe: diffusers.DiffusionPipeline) -> PreviewDecoder | None:
+        """The model's own VAE when it is the tiny one, else a TAESD loaded beside it (a few MB). Previews
+        are a comfort: failing to load one turns them off with a warning, never the app."""
+        if not self.options.previews or self.options.preview_every_steps < 1:
+            return None
+        if isinstance(pipe.vae, diffusers.AutoencoderTiny):
+            return PreviewDecoder(pipe.vae)
+        try:
+            vae = self._from_pretrained(diffusers.AutoencoderTiny, self.options.preview_vae, "PREVIEW_VAE_ID",
+                                        "preview VAE")
+        except Exception as error:
+            logger.warning("live previews are off: %s", _reason(error))
+            return None
+        return PreviewDecoder(vae.to(self.device, memory_format=torch.channels_last))
 
     def _check_device(self) -> None:
         preset = self.options.preset
@@ -273,10 +300,11 @@ class ImagePipeline:
         return finished and self.ready
 
     def generate(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck,
-                 init_image: Image.Image | None = None) -> Image.Image:
-        """init_image: the start image of an img2img request (request.init_image is its hash)."""
+                 init_image: Image.Image | None = None, on_preview: PreviewCallback | None = None) -> Image.Image:
+        """init_image: the start image of an img2img request (request.init_image is its hash).
+        on_preview: called with a small JPEG of the image so far every PREVIEW_EVERY_STEPS steps."""
         self.wait_ready()
-        return self._run(request, on_step, should_cancel, init_image)
+        return self._run(request, on_step, should_cancel, init_image, on_preview)
 
     def _image_to_image(self) -> diffusers.DiffusionPipeline:
         """The img2img pipeline over the loaded components (from_pipe: no second copy of any weight,
@@ -293,13 +321,20 @@ class ImagePipeline:
         return self._image_to_image(), {"image": image, "strength": request.strength}
 
     def _run(self, request: GenerationRequest, on_step: StepCallback, should_cancel: CancelCheck,
-             init_image: Image.Image | None = None) -> Image.Image:
+             init_image: Image.Image | None = None, on_preview: PreviewCallback | None = None) -> Image.Image:
         assert self._pipe is not None
         # img2img runs the last int(steps x strength) steps of the schedule (diffusers' rule).
         total = int(request.steps * request.strength) if init_image is not None else request.steps
 
+        every = self.options.preview_every_steps
+
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             on_step(step + 1, total)
+            # Not after the last step: the final image follows at once.
+            if on_preview is not None and self.preview is not None and (step + 1) % every == 0 and step + 1 < total:
+                jpeg = self.preview(tensors["latents"])
+                if jpeg is not None:
+                    on_preview(jpeg)
             if should_cancel():
                 # Raising skips the remaining steps and the VAE decode, the costly part.
                 raise Cancelled(f"request {request.request_id} was cancelled at step {step + 1}/{total}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from inference.errors import InvalidRequest
 
+TAESDXL = "madebyollin/taesdxl"  # the tiny SDXL VAE: turbo/lightning decode with it; previews use it for any preset
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -48,7 +50,7 @@ PRESETS: dict[str, Preset] = {
             scheduler="EulerAncestralDiscreteScheduler",
             scheduler_options=(("timestep_spacing", "trailing"),),
             sampler_label="Euler a",
-            tiny_vae_id="madebyollin/taesdxl",
+            tiny_vae_id=TAESDXL,
             max_pixels=768 * 768,
             description="SDXL-Turbo: 1 step at 512x512, fastest on CPU",
         ),
@@ -59,7 +61,7 @@ PRESETS: dict[str, Preset] = {
             scheduler="EulerDiscreteScheduler",
             scheduler_options=(("timestep_spacing", "trailing"),),
             unet_weights=("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors"),
-            tiny_vae_id="madebyollin/taesdxl",
+            tiny_vae_id=TAESDXL,
             max_pixels=1280 * 1280,
             description="SDXL-Lightning: 4 steps at 1024x1024",
         ),

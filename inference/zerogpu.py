@@ -62,18 +62,21 @@ class ZeroGPUPipeline:
     def __getattr__(self, name: str) -> Any:  # state, device, dtype, ready, wait_ready, start_loading...
         return getattr(self._pipeline, name)
 
-    def duration(self, request: GenerationRequest, init_image: Any = None) -> int:
+    def duration(self, request: GenerationRequest, init_image: Any = None, previews: bool = False) -> int:
         return gpu_seconds(request, self.seconds_per_step)
 
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int], None],
-                 should_cancel: Callable[[], bool], init_image: Any = None) -> Any:
+                 should_cancel: Callable[[], bool], init_image: Any = None,
+                 on_preview: Callable[[bytes], None] | None = None) -> Any:
         self._pipeline.wait_ready()
         if should_cancel():
             raise Cancelled(f"request {request.request_id} was cancelled before it started")
-        steps = self._on_gpu(request, init_image)
+        steps = self._on_gpu(request, init_image, on_preview is not None)
         try:
             for kind, *payload in steps:
-                if kind == "step":
+                if kind == "preview":
+                    on_preview(*payload)
+                elif kind == "step":
                     on_step(*payload)
                     if should_cancel():
                         raise Cancelled(f"request {request.request_id} was cancelled at step "
@@ -90,7 +93,8 @@ class ZeroGPUPipeline:
             steps.close()  # on ZeroGPU this stops the forked process at its next step
         raise GenerationFailed("ZeroGPU: the GPU call ended without an image")
 
-    def _steps_on_gpu(self, request: GenerationRequest, init_image: Any = None) -> Iterator[tuple]:
+    def _steps_on_gpu(self, request: GenerationRequest, init_image: Any = None,
+                      previews: bool = False) -> Iterator[tuple]:
         """Runs in ZeroGPU's forked process: generates in a thread (diffusers calls back per step, a
         generator cannot yield from a callback) and yields ("step", n, total) events, then
         ("image", image) or ("failed", message)."""
@@ -101,7 +105,9 @@ class ZeroGPUPipeline:
             try:
                 image = self._pipeline.generate(request, on_step=lambda step, total: events.put(("step", step, total)),
                                                 should_cancel=closed.is_set,
-                                                **({"init_image": init_image} if init_image is not None else {}))
+                                                **({"init_image": init_image} if init_image is not None else {}),
+                                                **({"on_preview": lambda jpeg: events.put(("preview", jpeg))}
+                                                   if previews else {}))
                 events.put(("image", image))
             except Cancelled:
                 events.put(("cancelled",))
@@ -111,7 +117,7 @@ class ZeroGPUPipeline:
         thread = threading.Thread(target=render, name="zerogpu-render", daemon=True)
         thread.start()
         try:
-            while (event := events.get())[0] == "step":
+            while (event := events.get())[0] in ("step", "preview"):
                 yield event
             if event[0] != "cancelled":
                 yield event

@@ -175,6 +175,8 @@ class Gateway:
             "result": job.result,
             "error": job.error,
             "priority": job.request.get("priority", "interactive"),
+            # While running, every PREVIEW_EVERY_STEPS steps: a small JPEG of the image so far (a data: URL).
+            "preview": job.preview or None,
         }
         if job.request.get("webhook_url"):  # the host only: the URL's path or query may hold the receiver's token
             status["webhook"] = {"host": host_of(job.request["webhook_url"]), "deliveries": job.webhook_deliveries}

@@ -16,6 +16,7 @@ from inference.errors import Cancelled, GenerationError, GenerationFailed
 from inference.images import CONTENT_TYPES, encode, init_image_key, parameters_text
 from inference.logcontext import request_context
 from inference.presets import ModelIdentity
+from inference.preview import data_url
 from inference.request import GenerationRequest, GenerationResult
 from storage.cache import ResultCache
 from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
@@ -258,6 +259,9 @@ class Worker:
             on_step=lambda step, total: self._on_step(request, fp, step, total),
             should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
             **({"init_image": init_image} if init_image is not None else {}),
+            # Only to generators that make previews (PREVIEWS=1 and a tiny VAE loaded).
+            **({"on_preview": lambda jpeg: self._mark_group(fp, preview=data_url(jpeg))}
+               if getattr(self.generator, "previews", False) else {}),
         )
         seconds = time.perf_counter() - started
         self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * seconds
@@ -321,6 +325,7 @@ class Worker:
             if job is None or job.finished:
                 continue
             member_result = {**result, "request_id": member} if result else None
-            self.jobs.update(member, state=state, result=member_result, error=error, finished_at=time.time())
+            self.jobs.update(member, state=state, result=member_result, error=error, finished_at=time.time(),
+                             preview="")  # the image (or the error) replaces it
             if self.metrics:
                 self.metrics.requests.labels(state).inc()

@@ -34,6 +34,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    preview: str = ""  # while running: a small JPEG of the image so far, as a data: URL (inference/preview.py)
     webhook_deliveries: list[dict[str, Any]] = field(default_factory=list)  # every POST attempt (queueing.webhooks)
     version: int = 0  # bumped on every change, so waiters can tell "changed since I looked"
 
