@@ -32,6 +32,7 @@ from inference.errors import (GenerationError, InvalidRequest, QueueFull, QueueU
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, TAESDXL, ModelIdentity, get_preset
 from inference.images import init_image_key, prepare_init_image
+from inference.loras import MAX_LORA_WEIGHT, MAX_LORAS, LoraCatalog, LoraSpec, parse_loras_setting
 from inference.preview import image_from_data_url
 from inference.request import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE,
                                GenerationRequest)
@@ -325,6 +326,7 @@ class Settings:
     previews: bool = True  # PREVIEWS: live previews of running generations (inference/preview.py)
     preview_every_steps: int = 2  # PREVIEW_EVERY_STEPS
     preview_vae_id: str | None = None  # PREVIEW_VAE_ID: TAESD for previews when the model's VAE is the full one
+    loras: tuple[LoraSpec, ...] = ()  # LORAS: the styles this Space offers (inference/loras.py)
     bulk_every: int = 4  # BULK_EVERY: while both wait, at least 1 of this many runs is a bulk request (0: never first)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -360,6 +362,7 @@ class Settings:
             mcp_server=read.flag("MCP_SERVER", True),
             batch_max_requests=read.int("BATCH_MAX_REQUESTS", 16, minimum=1),
             bulk_every=read.int("BULK_EVERY", 4),
+            loras=parse_loras_setting(read.str("LORAS")),
             previews=read.flag("PREVIEWS", True),
             preview_every_steps=read.int("PREVIEW_EVERY_STEPS", 2, minimum=1),
             preview_vae_id=read.str("PREVIEW_VAE_ID"),
@@ -588,11 +591,12 @@ def build_pipeline(settings: Settings):
     if preset_name == "auto":
         preset_name = DEFAULT_GPU_PRESET if pick_device(device) == "cuda" else DEFAULT_CPU_PRESET
     preset = get_preset(preset_name)
-    identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id)
-    pipeline = ImagePipeline(LoadOptions(preset, identity, device, settings.dtype, warmup, settings.compile,
-                                         settings.compile_cache_dir, settings.prepack, settings.previews,
-                                         settings.preview_every_steps,
-                                         settings.preview_vae_id or TAESDXL))
+    identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id,
+                                     loras=settings.loras)
+    pipeline = ImagePipeline(LoadOptions(
+        preset, identity, device, settings.dtype, warmup, settings.compile, settings.compile_cache_dir,
+        settings.prepack, previews=settings.previews, preview_every_steps=settings.preview_every_steps,
+        loras=settings.loras, preview_vae=settings.preview_vae_id or TAESDXL))
     return pipeline, preset, identity
 
 
@@ -839,6 +843,13 @@ class RawImage(gr.Image):
         return "image"  # the same widget in the browser
 
 
+def _weighted(loras: Any, weight: Any) -> Any:
+    """The Styles box's names with the Style weight box's weight; "name:weight" entries keep theirs."""
+    if not isinstance(loras, list) or weight in (None, ""):
+        return loras
+    return [f"{item}:{weight}" if isinstance(item, str) and ":" not in item else item for item in loras]
+
+
 def caller_of(request: gr.Request | None, profile: gr.OAuthProfile | None, trusted_hops: int) -> Caller:
     """The signed-in Hugging Face user, else the address the platform's proxy appended (never a
     header value the client chose: see queueing.admission)."""
@@ -868,12 +879,14 @@ class Handlers:
         self.services = services
         self.gateway = services.gateway
         self.admission = services.admission
+        self.styles = LoraCatalog(services.settings.loras)
 
     def _caller(self, request: gr.Request | None, profile: gr.OAuthProfile | None) -> Caller:
         return caller_of(request, profile, self.services.settings.trusted_proxy_hops)
 
     def _request(self, caller: Caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                 seed, request_id=None, priority="interactive", webhook_url="", init_image=None, strength=None):
+                 seed, request_id=None, priority="interactive", webhook_url="", init_image=None, strength=None,
+                 loras=None, style_weight=1.0):
         """Blocking (an uploaded start image is stored): async handlers call it in a worker thread."""
         if seed == DERIVED_SEED:
             seed = None
@@ -883,8 +896,10 @@ class Handlers:
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                 self.services.settings.output_format, chosen, priority=priority, webhook_url=webhook_url,
                 init_image=self._store_init_image(init_image), strength=strength if init_image else None,
+                loras=_weighted(loras, style_weight),
             )
             self.services.webhooks.check(generation.webhook_url)
+            self.styles.check(generation.loras)
             scoped = scoped_request_id(caller, chosen)
         except GenerationError as error:
             title = "Storage unavailable" if isinstance(error, StoreUnavailable) else "Invalid input"
@@ -927,8 +942,9 @@ class Handlers:
 
     @not_an_mcp_tool
     async def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                       init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
-                       profile: gr.OAuthProfile | None = None, progress=gr.Progress()) -> AsyncIterator[tuple]:
+                       init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
+                       request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                       progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate one image and wait for it (progress is streamed). Returns the image file, its metadata
         (seed, URL, timings, worker) and the request id.
 
@@ -945,18 +961,22 @@ class Handlers:
                 result follows its layout and colours. Empty: text to image.
             strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
                 steps x strength must be at least 1). Ignored without init_image.
+            loras: optional styles (LoRA adapters this Space offers, see its Styles box): a list of names,
+                or "name:weight" strings (weights -2..2), at most 3. Empty: the base model.
+            style_weight: the weight of each style named without one (default 1).
         """
         # One image is the one-variant case of the page's button: the same path, without "variants".
         async for image, metadata, _, ids, _ in self.generate_variants(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed, 1, init_image, strength,
-                request, profile, progress):
+                loras, style_weight, request, profile, progress):
             if isinstance(metadata, dict):
                 metadata = {key: value for key, value in metadata.items() if key != "variants"}
             yield image, metadata, ids[0]
 
     async def generate_image(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                             init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
-                             profile: gr.OAuthProfile | None = None, progress=gr.Progress()) -> str:
+                             init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
+                             request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                             progress=gr.Progress()) -> str:
         """Generate one game-art image for Crafterse and return it (with its URL). The same request
         (prompt, settings and seed) returns the same image, from the cache. To queue without waiting, or
         to get the seed and timings, use submit and then status.
@@ -974,18 +994,21 @@ class Handlers:
                 result follows its layout and colours. Empty: text to image.
             strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
                 steps x strength must be at least 1). Ignored without init_image.
+            loras: optional styles (LoRA adapters this Space offers, see its Styles box): a list of names,
+                or "name:weight" strings (weights -2..2), at most 3. Empty: the base model.
+            style_weight: the weight of each style named without one (default 1).
         """
         image = None
         async for image, _, _ in self.generate(prompt, negative_prompt, preset, width, height, steps,
-                                               guidance_scale, seed, init_image, strength, request, profile,
-                                               progress):
+                                               guidance_scale, seed, init_image, strength, loras, style_weight,
+                                               request, profile, progress):
             pass  # the last value is the finished image; failures raise gr.Error with the reason
         return image
 
     @not_an_mcp_tool
     async def generate_variants(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                                num_images=1, init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
-                                profile: gr.OAuthProfile | None = None,
+                                num_images=1, init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
+                                request: gr.Request = None, profile: gr.OAuthProfile | None = None,
                                 progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate num_images variants of one request (seeds seed, seed+1, ...) and wait for all (the
         page's Generate button). Each variant is a request of its own: its own id, cache entry and
@@ -1006,12 +1029,15 @@ class Handlers:
                 result follows its layout and colours. Empty: text to image.
             strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
                 steps x strength must be at least 1). Ignored without init_image.
+            loras: optional styles (LoRA adapters this Space offers, see its Styles box): a list of names,
+                or "name:weight" strings (weights -2..2), at most 3. Empty: the base model.
+            style_weight: the weight of each style named without one (default 1).
         """
         started = time.perf_counter()
         caller = self._caller(request, profile)
         first = await anyio.to_thread.run_sync(lambda: self._request(
             caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-            init_image=init_image, strength=strength))
+            init_image=init_image, strength=strength, loras=loras, style_weight=style_weight))
         try:
             generations = first.variants(num_images)
         except GenerationError as error:
@@ -1088,6 +1114,8 @@ class Handlers:
         metadata["timings"] = dict(metadata.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
         if first.init_image:  # img2img: which start image (its sha256, the key in the object store) and how far
             metadata.update(init_image=first.init_image, strength=first.strength)
+        if first.loras:
+            metadata["loras"] = [{"name": name, "weight": weight} for name, weight in first.loras]
         gallery = [(path, self._caption(job.result)) for path, job in zip(files, done)]
         # Each image's own metadata, for a click on its thumbnail (the first one's is the one shown).
         shown = [(path, metadata if job is done[0] else dict(job.result, variants=summaries))
@@ -1128,8 +1156,8 @@ class Handlers:
 
     def submit(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                request_id: str | None = None, priority: str = "interactive", webhook_url: str = "",
-               init_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None,
-               profile: gr.OAuthProfile | None = None) -> str:
+               init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
+               request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> str:
         """Queue a request without waiting; returns its request id for status and cancel.
 
         Args:
@@ -1152,15 +1180,18 @@ class Handlers:
                 result follows its layout and colours. Empty: text to image.
             strength: with init_image, how far the result may move from it, above 0 up to 1 (default 0.6;
                 steps x strength must be at least 1). Ignored without init_image.
+            loras: optional styles (LoRA adapters this Space offers, see its Styles box): a list of names,
+                or "name:weight" strings (weights -2..2), at most 3. Empty: the base model.
+            style_weight: the weight of each style named without one (default 1).
         """
         caller = self._caller(request, profile)
         generation = self._request(caller, prompt, negative_prompt, preset, width, height, steps, guidance_scale,
-                                   seed, request_id, priority, webhook_url, init_image, strength)
+                                   seed, request_id, priority, webhook_url, init_image, strength, loras, style_weight)
         self._submit(generation, caller, chosen=bool((request_id or "").strip()))
         return (request_id or "").strip() or generation.request_id
 
     BATCH_FIELDS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed",
-                    "request_id", "priority", "webhook_url")
+                    "request_id", "priority", "webhook_url", "loras")
 
     def submit_batch(self, requests: list, request: gr.Request = None,
                      profile: gr.OAuthProfile | None = None) -> list[dict]:
@@ -1173,7 +1204,7 @@ class Handlers:
         Args:
             requests: a list of up to BATCH_MAX_REQUESTS objects with the fields of submit (prompt;
                 optional negative_prompt, preset, width, height, steps, guidance_scale, seed, request_id,
-                priority, webhook_url; missing ones take the preset's defaults).
+                priority, webhook_url, loras; missing ones take the preset's defaults).
         """
         caller = self._caller(request, profile)
         generations = [self._batch_request(caller, index, item) for index, item in enumerate(self._batch(requests))]
@@ -1372,6 +1403,13 @@ def build_ui(services: Services):
                     randomize = gr.Button("Randomize seed", size="sm")
                 num_images = RawNumber(1, label="Images", precision=0, elem_id="num-images",
                                        info=f"variants per click, 1..{MAX_IMAGES} (seeds seed, seed+1, ...)")
+                offered = handlers.styles.choices()
+                with gr.Row(visible=bool(offered)):  # shown where LORAS offers styles; the API takes them anyway
+                    styles = gr.Dropdown(offered, value=[], multiselect=True, max_choices=MAX_LORAS,
+                                         allow_custom_value=True, label="Styles (LoRA)", elem_id="styles",
+                                         info="name, or name:weight")
+                    style_weight = RawNumber(1.0, label="Style weight", step=0.1, elem_id="style-weight",
+                                             info=f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, for each style without one")
                 with gr.Accordion("Start from a sketch (optional)", open=False, elem_id="sketch-panel"):
                     init_image = RawImage(label="Sketch", type="filepath", sources=["upload", "clipboard"],
                                           elem_id="init-image", height=220)
@@ -1398,7 +1436,7 @@ def build_ui(services: Services):
             job_info = gr.JSON(label="Job", open=True, max_height=1400)
 
         inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
-        sketch = [init_image, strength]
+        sketch = [init_image, strength, styles, style_weight]  # the optional inputs every generate takes
         generate_btn.click(
             handlers.generate_variants, inputs + [num_images] + sketch,
             [image, metadata, variants, request_state, shown_state],

@@ -75,7 +75,8 @@ def parameters_text(request: GenerationRequest, sampler: str, model: str) -> str
               if request.init_image else ()),
         )
     )
-    lines = [request.prompt]
+    # Styles as other tools write them: <lora:name:weight> in the prompt line (A1111, ComfyUI readers).
+    lines = [" ".join([request.prompt, *(f"<lora:{name}:{weight:g}>" for name, weight in request.loras)])]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(settings)

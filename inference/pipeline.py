@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from inference.errors import Cancelled, GenerationFailed, ModelUnavailable, UnsupportedOnDevice
+from inference.loras import LoraSpec
 from inference.presets import TAESDXL, ModelIdentity, Preset
 from inference.preview import PreviewDecoder
 from inference.request import GenerationRequest
@@ -39,6 +40,7 @@ class LoadOptions:
     prepack: str = "auto"  # auto | on | off: see inference/prepack.py
     previews: bool = True  # live previews: see inference/preview.py
     preview_every_steps: int = 2
+    loras: tuple[LoraSpec, ...] = ()  # LORAS: styles loaded beside the base model (inference/loras.py)
     preview_vae: str = TAESDXL  # the tiny VAE for previews when the model's own VAE is the full one
 
 
@@ -123,6 +125,7 @@ class ImagePipeline:
             self._check_device()
             self._set_state("loading", f"loading {self.options.identity.model_id} on {self.device}")
             pipe = self._load_pipeline()
+            self._load_loras(pipe)
             self._pipe = pipe
             if self._should_compile():
                 self._start_compiling(pipe)
@@ -221,9 +224,44 @@ class ImagePipeline:
             raise _unavailable("UNet weights", "MODEL_ID", f"{repo}/{filename}", error) from error
         pipe.unet.load_state_dict(load_file(path))
 
+    def _load_loras(self, pipe: diffusers.DiffusionPipeline) -> None:
+        """Every allowed style, once, as a named adapter (peft); requests switch between them."""
+        for spec in self.options.loras:
+            self._set_state("loading", f"loading style {spec.name!r} from {spec.source}")
+            is_local = Path(spec.source).expanduser().is_dir()
+            options = {"weight_name": spec.weight_name} if spec.weight_name else {}
+            if not is_local:
+                options["revision"] = spec.revision
+            try:
+                pipe.load_lora_weights(str(Path(spec.source).expanduser()) if is_local else spec.source,
+                                       adapter_name=spec.name, **options)
+            except Exception as error:
+                raise _unavailable(f"style {spec.name!r}", "LORAS", spec.source, error) from error
+        if self.options.loras:
+            pipe.disable_lora()  # a request without styles renders the base model exactly
+
+    def _apply_loras(self, pipe: diffusers.DiffusionPipeline, request: GenerationRequest) -> None:
+        if not self.options.loras:
+            if request.loras:
+                raise GenerationFailed("loras: this worker loaded no styles (LORAS is not set here)")
+            return
+        loaded = {spec.name for spec in self.options.loras}
+        missing = [name for name, _ in request.loras if name not in loaded]
+        if missing:
+            raise GenerationFailed(f"loras: style(s) {missing} are not loaded on this worker")
+        if request.loras:
+            pipe.enable_lora()
+            pipe.set_adapters([name for name, _ in request.loras], [weight for _, weight in request.loras])
+        else:
+            pipe.disable_lora()
+
     def _should_compile(self) -> bool:
         # Opt-in: on the 2-vCPU AMX Xeon measured so far the package did not beat eager (bench.speed
-        # rows turbo and turbo+compiled) and it holds a second copy of the UNet's weights.
+        # rows turbo and turbo+compiled) and it holds a second copy of the UNet's weights. Not with
+        # styles: the package would bake in the base weights without the adapters.
+        if self.options.compile == "on" and self.options.loras:
+            logger.warning("COMPILE=on is ignored: LORAS adapters switch per request in eager mode")
+            return False
         return self.options.compile == "on"
 
     def _prepack(self, pipe: diffusers.DiffusionPipeline) -> None:
@@ -234,6 +272,9 @@ class ImagePipeline:
 
         if self.options.prepack == "off":
             self.prepacked = "off (PREPACK=off)"
+            return
+        if self.options.loras:  # peft wraps the linear layers; packed ones it could not switch
+            self.prepacked = "off: LORAS adapters are loaded"
             return
         reason = can_prepack(self.device, self.dtype)
         if reason is None and self.options.prepack == "auto" and not cpu_has_amx():
@@ -343,6 +384,7 @@ class ImagePipeline:
         if should_cancel():
             raise Cancelled(f"request {request.request_id} was cancelled before it started")
         with self._lock:
+            self._apply_loras(self._pipe, request)
             try:
                 pipe, arguments = self._arguments(request, init_image)
                 output = pipe(

@@ -109,6 +109,7 @@ class ModelIdentity:
     unet_weights: str
     vae: str
     scheduler: str
+    loras: tuple[tuple[str, str], ...] = ()  # the allowed styles: (name, where its weights come from)
 
     @classmethod
     def resolve(
@@ -117,6 +118,7 @@ class ModelIdentity:
         model_id: str | None = None,
         revision: str | None = None,
         tiny_vae_id: str | None = None,
+        loras: tuple = (),
     ) -> ModelIdentity:
         """model_id replaces the preset's whole model (a local folder or merged checkpoint), so the
         preset's extra UNet weights are only used with its own model. tiny_vae_id: None keeps the
@@ -134,10 +136,16 @@ class ModelIdentity:
             unet_weights="/".join(unet) if unet else "",
             vae=vae,
             scheduler=f"{preset.scheduler}({options})",
+            loras=tuple((spec.name, spec.key) for spec in loras),
         )
 
     def as_dict(self) -> dict[str, str]:
-        return dict(self.__dict__)
+        """The base model (styles enter a fingerprint only when a request uses them: lora_sources)."""
+        return {key: value for key, value in self.__dict__.items() if key != "loras"}
+
+    def lora_sources(self, names: list[str]) -> dict[str, str]:
+        known = dict(self.loras)
+        return {name: known.get(name, "not offered") for name in names}
 
     @property
     def label(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from inference.errors import InvalidRequest
+from inference.loras import parse_request_loras
 from inference.presets import Preset, get_preset
 
 MAX_PROMPT_CHARS = 2000
@@ -155,6 +156,8 @@ class GenerationRequest:
     # fingerprint and the wire form, so text-to-image fingerprints are what they always were.
     init_image: str = ""
     strength: float = 0.0
+    # Styles: (LoRA name, weight) pairs sorted by name; empty for none (then left out like init_image).
+    loras: tuple[tuple[str, float], ...] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
     seed_was_given: bool = field(default=True, compare=False)
     # How it is delivered, not what it draws: outside the fingerprint (compare=False), so a bulk or
@@ -179,6 +182,7 @@ class GenerationRequest:
         webhook_url: Any = None,
         init_image: Any = None,
         strength: Any = None,
+        loras: Any = None,
     ) -> GenerationRequest:
         """Validate raw input (from a form, an API call or a message); omitted values take the preset's."""
         if not isinstance(preset, str):
@@ -197,10 +201,10 @@ class GenerationRequest:
         chosen.check_size(fields_["width"], fields_["height"])
         fields_["init_image"] = _init_image(init_image)
         fields_["strength"] = _strength(strength, fields_["steps"]) if fields_["init_image"] else 0.0
+        fields_["loras"] = parse_request_loras(loras)
         seed_was_given = seed is not None and seed != ""
         # Derived from the other fields: the same request always makes the same image (and hits cache).
-        fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(
-            {k: v for k, v in fields_.items() if fields_["init_image"] or k not in ("init_image", "strength")})
+        fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(_seed_fields(fields_))
         return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given,
                    priority=_choice("priority", priority or "interactive", PRIORITIES),
                    webhook_url=_webhook_url(webhook_url))
@@ -222,6 +226,8 @@ class GenerationRequest:
         pixels = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
         if not self.init_image:
             del pixels["init_image"], pixels["strength"]
+        if not self.loras:
+            del pixels["loras"]
         return pixels
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,8 +235,9 @@ class GenerationRequest:
         data = asdict(self)
         del data["seed_was_given"]
         # Defaults are left out: the message of a plain request is what workers before these fields read.
+        data["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
         for name, default in (("priority", "interactive"), ("webhook_url", ""), ("init_image", ""),
-                              ("strength", 0.0)):
+                              ("strength", 0.0), ("loras", [])):
             if data[name] == default:
                 del data[name]
         return data
@@ -247,6 +254,12 @@ class GenerationRequest:
         if "prompt" not in data:
             raise InvalidRequest("prompt", "is required")
         return cls.create(**{k: v for k, v in data.items() if k in known})
+
+
+def _seed_fields(fields_: dict[str, Any]) -> dict[str, Any]:
+    """The fields a derived seed hashes: those in use (a text-to-image request's seed is what it always was)."""
+    unused = ({"init_image", "strength"} if not fields_["init_image"] else set()) | ({"loras"} if not fields_["loras"] else set())
+    return {k: v for k, v in fields_.items() if k not in unused}
 
 
 def derive_seed(pixel_fields_without_seed: dict[str, Any]) -> int:

@@ -12,7 +12,10 @@ PIPELINE_VERSION = 1
 
 def fingerprint(request: GenerationRequest, model: ModelIdentity) -> str:
     """sha256 of canonical JSON of everything that determines the output bytes."""
-    return sha256_hex({"v": PIPELINE_VERSION, "request": request.pixel_fields(), "model": model.as_dict()})
+    parts = {"v": PIPELINE_VERSION, "request": request.pixel_fields(), "model": model.as_dict()}
+    if request.loras:  # the styles' sources too: a name pointed at other weights is another image
+        parts["loras"] = model.lora_sources([name for name, _ in request.loras])
+    return sha256_hex(parts)
 
 
 def object_key(fingerprint_: str, output_format: str) -> str:

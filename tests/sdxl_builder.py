@@ -196,3 +196,21 @@ if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-sdxl")
     build_tiny_sdxl(target)
     print(f"MODEL_ID={target / 'sdxl'} TINY_VAE_ID={target / 'taesd'}")
+
+
+# ---- a style for the tiny SDXL: a LoRA made with peft ------------------------------------------------
+
+def build_tiny_lora(sdxl_folder: Path, out: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA adapter for the tiny UNet's attention projections, saved as diffusers writes them
+    (pytorch_lora_weights.safetensors). Random, not zero, up-projections (peft's default init makes the
+    adapter a no-op until trained), so it visibly changes the image."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sdxl_folder / "unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank * 4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                safe_serialization=True)
+    return out

@@ -29,12 +29,12 @@ def test_api_lists_the_documented_endpoints(client) -> None:
     assert {"/generate", "/submit", "/status", "/cancel"} <= set(api)
     generate_params = [p["parameter_name"] for p in api["/generate"]["parameters"]]
     fields = ["prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed"]
-    sketch = ["init_image", "strength"]
+    sketch = ["init_image", "strength", "loras", "style_weight"]
     assert generate_params == fields + sketch
     assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == fields + [
         "request_id", "priority", "webhook_url"] + sketch
     optional = {p["parameter_name"] for p in api["/submit"]["parameters"] if p["parameter_has_default"]}
-    assert {"negative_prompt", "priority", "webhook_url", "init_image", "strength"} <= optional
+    assert {"negative_prompt", "priority", "webhook_url", "init_image", "strength", "loras", "style_weight"} <= optional
     assert len(api["/generate"]["returns"]) == 2  # the image and its metadata; UI state stays private
 
 
