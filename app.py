@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -45,6 +46,7 @@ from queueing.webhooks import WebhookJobs, WebhookLedger, WebhookNotifier, Webho
 from queueing.worker import Worker
 from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
+from storage.history import MIN_KEY_CHARS, MemoryHistory, RedisHistory, ResilientHistory
 from storage.jobs import Job, MemoryJobStore
 from storage.limits import MemoryInflightLimit, MemoryRateLimiter
 from storage.objects import FailoverObjectStore, LocallyCachedStore, LocalObjectStore, StoreUnavailable
@@ -422,6 +424,7 @@ class Services:
     remote: Any = None  # queueing.remote.RemoteBackend: the GPU service for peaks, when configured
     rescuer: Any = None  # queueing.remote.LeaseRescuer: in a fleet, takes over what a dead Space sent remote
     webhooks: Any = None  # queueing.webhooks.WebhookNotifier
+    history: Any = None  # storage.history: designers' recent images
     fleet: Any = None  # RedisFleet
     endpoints: list = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
@@ -576,6 +579,7 @@ class Stores:
     remote_budget: Any = None  # REMOTE_MAX_PER_HOUR, fleet-wide when Redis is there
     remote_leases: Any = None  # RemoteLeases: GPU-service requests a dead Space held are rescued
     redis: Any = None  # the Redis client, for the webhook ledger
+    history: Any = field(default_factory=MemoryHistory)  # designers' recent images (storage/history.py)
 
 
 def build_pipeline(settings: Settings):
@@ -643,6 +647,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     if settings.remote.service and not settings.zero_gpu:  # ZeroGPU is this Space's GPU for peaks
         _add_remote(settings, services, stores)
     services.webhooks = webhooks
+    services.history = stores.history
     if serves_fleet and stores.remote_leases is not None:
         from queueing.remote import LeaseRescuer
 
@@ -796,6 +801,7 @@ def _stores(settings: Settings, health: BackendHealth) -> Stores:
                                      memory_budget, guard),
         remote_leases=RemoteLeases(client, namespace, fleet.claim_ttl_seconds),
         redis=client,
+        history=ResilientHistory(RedisHistory(client, namespace), guard),
     )
 
 
@@ -942,7 +948,7 @@ class Handlers:
 
     @not_an_mcp_tool
     async def generate(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
-                       init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
+                       init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0, history_key="",
                        request: gr.Request = None, profile: gr.OAuthProfile | None = None,
                        progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate one image and wait for it (progress is streamed). Returns the image file, its metadata
@@ -964,11 +970,13 @@ class Handlers:
             loras: optional styles (LoRA adapters this Space offers, see its Styles box): a list of names,
                 or "name:weight" strings (weights -2..2), at most 3. Empty: the base model.
             style_weight: the weight of each style named without one (default 1).
+            history_key: optional key (at least 16 characters, e.g. a random hex string) under which the
+                images are added to a history that /history returns (signed-in users: their own history).
         """
         # One image is the one-variant case of the page's button: the same path, without "variants".
         async for image, metadata, _, ids, _ in self.generate_variants(
                 prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed, 1, init_image, strength,
-                loras, style_weight, request, profile, progress):
+                loras, style_weight, history_key, None, request, profile, progress):
             if isinstance(metadata, dict):
                 metadata = {key: value for key, value in metadata.items() if key != "variants"}
             yield image, metadata, ids[0]
@@ -1008,7 +1016,8 @@ class Handlers:
     @not_an_mcp_tool
     async def generate_variants(self, prompt, negative_prompt, preset, width, height, steps, guidance_scale, seed,
                                 num_images=1, init_image=None, strength=DEFAULT_STRENGTH, loras=None, style_weight=1.0,
-                                request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                                history_key="", browser_key=None, request: gr.Request = None,
+                                profile: gr.OAuthProfile | None = None,
                                 progress=gr.Progress()) -> AsyncIterator[tuple]:
         """Generate num_images variants of one request (seeds seed, seed+1, ...) and wait for all (the
         page's Generate button). Each variant is a request of its own: its own id, cache entry and
@@ -1058,7 +1067,70 @@ class Handlers:
         finally:
             for job in jobs:
                 self.admission.release(caller, job.request_id)
-        yield await anyio.to_thread.run_sync(self._variants_output, jobs, first, started)
+        output = await anyio.to_thread.run_sync(self._variants_output, jobs, first, started)
+        key = self._history_key(caller, history_key, browser_key)
+        if key:
+            await anyio.to_thread.run_sync(self._remember, key, jobs)
+        yield output
+
+    # ---- history ------------------------------------------------------------------------------
+    @staticmethod
+    def _history_key(caller: Caller, history_key: Any = "", browser_key: Any = None) -> str | None:
+        """Whose history: a signed-in designer's own; else a key the client holds (the page's browser
+        key, or one an API client chose). Never the address: people behind one proxy share it."""
+        if caller.signed_in:
+            return caller.key
+        for prefix, key in (("key:", history_key), ("browser:", browser_key)):
+            if isinstance(key, str) and len(key.strip()) >= MIN_KEY_CHARS:
+                return prefix + key.strip()
+        return None
+
+    def _remember(self, key: str, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.state == "done" and job.result:
+                settings = {name: job.request.get(name) for name in HISTORY_FIELDS if name in job.request}
+                self.services.history.add(key, {**settings, "object_key": job.result["object_key"],
+                                                "storage": job.result.get("storage", ""), "url": job.result["url"]})
+
+    def _history_entries(self, key: str | None, limit: int = 24) -> list[dict[str, Any]]:
+        entries = self.services.history.recent(key, limit) if key else []
+        # Re-signed when in R2/S3 (a presigned URL expires); a local folder's URL is the clone that holds it.
+        return [dict(entry, url=self.services.objects.url_for(entry["object_key"], entry["storage"]))
+                if entry.get("storage") else entry for entry in entries]
+
+    def history(self, history_key: str = "", request: gr.Request = None,
+                profile: gr.OAuthProfile | None = None) -> list[dict]:
+        """Your recent images, newest first (up to 24), each with its settings and URL: the signed-in
+        user's own, or those recorded under history_key.
+
+        Args:
+            history_key: the key given to generate (at least 16 characters); ignored when signed in.
+        """
+        key = self._history_key(self._caller(request, profile), history_key)
+        if key is None:
+            raise gr.Error(f"history_key: at least {MIN_KEY_CHARS} characters (or sign in)", title="Invalid input")
+        return self._history_entries(key)
+
+    @not_an_mcp_tool
+    def show_history(self, browser_key: Any, request: gr.Request = None,
+                     profile: gr.OAuthProfile | None = None) -> tuple[list, list]:
+        """The page's History gallery (local copies: a clone that did not make an image fetches it)."""
+        entries = self._history_entries(self._history_key(self._caller(request, profile), "", browser_key))
+        shown = []
+        for entry in entries:
+            try:
+                path = self.services.objects.local_path(entry["object_key"])
+            except Exception:  # pruned everywhere, or the store is away: skip it
+                path = None
+            if path is not None:
+                shown.append((str(path), entry))
+        return [(path, _history_caption(entry)) for path, entry in shown], shown
+
+    @not_an_mcp_tool
+    def send_to_sketch(self, picked: Any) -> tuple:
+        if not picked:
+            raise gr.Error("pick an image in History first", title="Nothing picked")
+        return picked[0], gr.Accordion(open=True)
 
     def _submit_all(self, generations: list[GenerationRequest], caller: Caller) -> list[Job]:
         """All variants or none: one refused (a limit, a full queue) cancels those already queued."""
@@ -1348,6 +1420,37 @@ class Handlers:
         return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
 
 
+HISTORY_FIELDS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed",
+                  "init_image", "strength", "loras")
+
+
+def _history_caption(entry: dict[str, Any]) -> str:
+    prompt = entry.get("prompt", "")
+    return f"{prompt[:40]}{'...' if len(prompt) > 40 else ''} (seed {entry.get('seed')})"
+
+
+def _new_browser_key(key: Any) -> str:
+    """The page's own history key, made once per browser and kept in its localStorage."""
+    return key if isinstance(key, str) and len(key) >= MIN_KEY_CHARS else secrets.token_hex(16)
+
+
+def _pick_history(shown: list | None, selected: gr.SelectData) -> tuple:
+    if not shown or selected.index is None or not 0 <= selected.index < len(shown):
+        return gr.skip(), gr.skip()
+    path, entry = shown[selected.index]
+    return {k: v for k, v in entry.items() if k != "storage"}, (path, entry)
+
+
+def _reuse(picked: Any) -> tuple:
+    """The form takes a history image's settings (its seed too: the same request is a cache hit)."""
+    if not picked:
+        raise gr.Error("pick an image in History first", title="Nothing picked")
+    entry = picked[1]
+    styles = [f"{item['name']}:{item['weight']}" for item in entry.get("loras") or []]
+    return (entry.get("prompt", ""), entry.get("negative_prompt", ""), entry.get("width"), entry.get("height"),
+            entry.get("steps"), entry.get("guidance_scale"), entry.get("seed"), styles)
+
+
 def _add_to_gallery(shown: list | None, gallery: list) -> tuple[list, list]:
     """The session's gallery: this click's images first, newest click on top."""
     gallery = [(path, Handlers._caption(metadata)) for path, metadata in shown or []] + list(gallery or [])
@@ -1410,7 +1513,7 @@ def build_ui(services: Services):
                                          info="name, or name:weight")
                     style_weight = RawNumber(1.0, label="Style weight", step=0.1, elem_id="style-weight",
                                              info=f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, for each style without one")
-                with gr.Accordion("Start from a sketch (optional)", open=False, elem_id="sketch-panel"):
+                with gr.Accordion("Start from a sketch (optional)", open=False, elem_id="sketch-panel") as sketch_panel:
                     init_image = RawImage(label="Sketch", type="filepath", sources=["upload", "clipboard"],
                                           elem_id="init-image", height=220)
                     strength = RawNumber(DEFAULT_STRENGTH, label="Strength", step=0.05, elem_id="strength",
@@ -1426,6 +1529,13 @@ def build_ui(services: Services):
                                       elem_id="variants", allow_preview=False)
                 metadata = gr.JSON(label="Metadata", elem_id="metadata")
                 gallery = gr.Gallery(label="This session", columns=4, height=240)
+                with gr.Accordion("History: your recent images, on any clone", open=True, elem_id="history-panel"):
+                    history_gallery = gr.Gallery(label="History (click one)", columns=6, height=200,
+                                                 allow_preview=False, elem_id="history")
+                    with gr.Row():
+                        reuse_btn = gr.Button("Reuse settings", size="sm", elem_id="reuse")
+                        send_btn = gr.Button("Send to sketch", size="sm", elem_id="send-to-sketch")
+                    history_info = gr.JSON(label="Picked", elem_id="history-info")
         with gr.Accordion("Jobs (queue without waiting, status, cancel)", open=False):
             request_id = gr.Textbox(label="Request id (optional on submit: makes retries idempotent)")
             with gr.Row():
@@ -1435,16 +1545,32 @@ def build_ui(services: Services):
             # open and tall: the webhook delivery log is nested at the end
             job_info = gr.JSON(label="Job", open=True, max_height=1400)
 
+        gr.Examples([["a mossy stone golem guarding a crystal cave, game art", "blurry"],
+                     ["a glowing crystal sword, game item icon, plain background", ""],
+                     ["a cozy tavern interior, isometric game art", "text, watermark"]],
+                    inputs=[prompt, negative_prompt], label="Examples (the cache makes them instant after the first run)",
+                    cache_examples=False)
         inputs = [prompt, negative_prompt, preset_choice, width, height, steps, guidance, seed]
+        # History: this browser's own key (localStorage), or the API's history_key; shown images and the pick.
+        browser_key = gr.BrowserState("", storage_key="crafterse-history-key")
+        history_key = gr.Textbox("", visible=False)
+        history_shown, history_picked = gr.State([]), gr.State(None)
         sketch = [init_image, strength, styles, style_weight]  # the optional inputs every generate takes
         generate_btn.click(
-            handlers.generate_variants, inputs + [num_images] + sketch,
+            handlers.generate_variants, inputs + [num_images] + sketch + [history_key, browser_key],
             [image, metadata, variants, request_state, shown_state],
             api_name="generate_variants", concurrency_limit=None,
-        ).then(_add_to_gallery, [shown_state, gallery_state], [gallery, gallery_state], api_visibility="private")
+        ).then(_add_to_gallery, [shown_state, gallery_state], [gallery, gallery_state], api_visibility="private"
+               ).then(handlers.show_history, browser_key, [history_gallery, history_shown], api_visibility="private")
+        history_gallery.select(_pick_history, history_shown, [history_info, history_picked], api_visibility="private")
+        reuse_btn.click(_reuse, history_picked, [prompt, negative_prompt, width, height, steps, guidance, seed, styles],
+                        api_visibility="private")
+        send_btn.click(handlers.send_to_sketch, history_picked, [init_image, sketch_panel], api_visibility="private")
+        gr.Button(visible=False).click(handlers.history, gr.Textbox(visible=False), gr.JSON(visible=False),
+                                       api_name="history")
         variants.select(_show_variant, shown_state, [image, metadata], api_visibility="private")
         # One image and its metadata, for clients (the page's button makes variants).
-        gr.Button(visible=False).click(handlers.generate, inputs + sketch, [image, metadata, request_state],
+        gr.Button(visible=False).click(handlers.generate, inputs + sketch + [history_key], [image, metadata, request_state],
                                        api_name="generate", concurrency_limit=None)
         cancel_btn.click(handlers.cancel_current, request_state, job_info, api_name="cancel_current",
                          api_visibility="private")
@@ -1471,6 +1597,8 @@ def build_ui(services: Services):
                        api_visibility="undocumented")
         timer.tick(handlers.banner, None, [banner, timer], api_visibility="private")
         demo.load(handlers.banner, None, [banner, timer], api_visibility="private")
+        demo.load(_new_browser_key, browser_key, browser_key, api_visibility="private").then(
+            handlers.show_history, browser_key, [history_gallery, history_shown], api_visibility="private")
     # Our own queue bounds the work; Gradio's only needs room for everyone waiting on it.
     demo.queue(max_size=max(64, services.settings.queue_max_size * 4), default_concurrency_limit=8)
     return demo

@@ -30,7 +30,7 @@ def test_api_lists_the_documented_endpoints(client) -> None:
     generate_params = [p["parameter_name"] for p in api["/generate"]["parameters"]]
     fields = ["prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed"]
     sketch = ["init_image", "strength", "loras", "style_weight"]
-    assert generate_params == fields + sketch
+    assert generate_params == fields + sketch + ["history_key"]
     assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == fields + [
         "request_id", "priority", "webhook_url"] + sketch
     optional = {p["parameter_name"] for p in api["/submit"]["parameters"] if p["parameter_has_default"]}
