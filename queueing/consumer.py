@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 PAUSE_AFTER_SECONDS = 1.0  # well inside any max_poll_interval_ms; heartbeats run on their own thread
 MAX_BACKOFF_SECONDS = 10.0
 STALE_POLL_SECONDS = 30.0  # a consumer that has not polled for this long is reported unhealthy
+PRIORITY_WINDOW = 500  # records one poll may return to choose from (bounded by max_partition_fetch_bytes)
 
 
 class NotDurable(Exception):
@@ -178,6 +179,8 @@ class KafkaWorkerLoop:
                 consumer = KafkaConsumer(
                     group_id=self.group_id, enable_auto_commit=False,
                     auto_offset_reset="earliest", max_poll_records=1, fetch_max_wait_ms=20,
+                    # a priority window refetches what it did not take: keep each partition's fetch small
+                    max_partition_fetch_bytes=32 * 1024,
                     max_poll_interval_ms=self.settings.max_poll_interval_ms,
                     session_timeout_ms=self.settings.session_timeout_ms,
                     heartbeat_interval_ms=max(1000, self.settings.session_timeout_ms // 4),
@@ -210,28 +213,24 @@ class KafkaWorkerLoop:
 
     # ---- priorities ---------------------------------------------------------------------------
     def _poll_by_priority(self, consumer: KafkaConsumer) -> dict:
-        """At most one record, from the interactive topic first: the bulk topic's partitions are paused
-        while it is polled. After bulk_every - 1 interactive takes in a row, the bulk topic is polled
-        first, so bulk work is slowed by a busy UI, never starved. Pausing moves no offset: a record
-        left unread stays where it is (at least once is untouched), it is only fetched again."""
-        assigned = consumer.assignment()
-        bulk = {tp for tp in assigned if tp.topic == self.topics[1]}
-        lanes = [assigned - bulk, bulk]
-        if self.bulk_every > 0 and self._interactive_streak >= self.bulk_every - 1:
-            lanes.reverse()
-        for lane, timeout_ms in zip(lanes, (100, 400)):
-            if not lane:
-                continue
-            consumer.pause(*(assigned - lane))
-            consumer.resume(*lane)
-            records = consumer.poll(timeout_ms=timeout_ms, max_records=1)
-            if records:
-                return records
-            if lane is bulk:  # nothing bulk waits: interactive goes on first until the next turn
-                self._interactive_streak = 0
-        if not assigned:  # joining the group (or nothing assigned): poll() does the group's work
-            return consumer.poll(timeout_ms=500, max_records=1)
-        return {}
+        """One record, interactive first: the poll returns what is buffered for both topics (a window
+        of records), the first interactive one is taken, and every partition is sought back to its first
+        record not taken, so nothing is skipped and no offset moves (at least once is untouched; the rest
+        is fetched again). After bulk_every - 1 interactive takes in a row a bulk record goes first, so
+        bulk work is slowed by a busy UI, never starved. (Pausing the bulk topic instead loses records
+        in kafka-python 3.0.12: partitions parked while paused are never fetched again.)"""
+        records = consumer.poll(timeout_ms=500, max_records=PRIORITY_WINDOW)
+        if not records:
+            return {}
+        interactive = [(tp, batch) for tp, batch in records.items() if tp.topic != self.topics[1]]
+        bulk = [(tp, batch) for tp, batch in records.items() if tp.topic == self.topics[1]]
+        bulk_turn = self.bulk_every > 0 and self._interactive_streak >= self.bulk_every - 1
+        chosen, batch = next(iter(bulk or interactive)) if bulk_turn else next(iter(interactive or bulk))
+        for partition, messages in records.items():
+            untaken = messages[1:] if partition == chosen else messages
+            if untaken:
+                consumer.seek(partition, untaken[0].offset)
+        return {chosen: batch[:1]}
 
     def _count_pick(self, partition: TopicPartition) -> None:
         lane = "bulk" if not self.entrance and partition.topic == self.topics[-1] else "interactive"
