@@ -21,8 +21,8 @@ from bench.speed import full_unet_on_this_machine, gemm_ceiling
 from inference.prepack import prepack_unet
 
 
-def unet_arguments(size: int) -> tuple[tuple, dict]:
-    latent, dtype = size // 8, torch.bfloat16
+def unet_arguments(size: int, dtype: torch.dtype = torch.bfloat16) -> tuple[tuple, dict]:
+    latent = size // 8
     return ((torch.randn(1, 4, latent, latent, dtype=dtype), torch.tensor(999.0)),
             {"encoder_hidden_states": torch.randn(1, 77, 2048, dtype=dtype),
              "added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, dtype=dtype),

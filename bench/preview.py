@@ -3,7 +3,7 @@ bench/models), bf16, on this machine.
 
     python3 -m bench.preview [--sizes 512,1024] [--repeats 3]
 
-Per size: one UNet step (batch 1, as turbo/lightning run it: the cheapest step, so the worst ratio; SDXL
+In the dtype the app picks on this CPU (bf16 with AVX512-BF16 or AMX, else fp32). Per size: one UNet step (batch 1, as turbo/lightning run it: the cheapest step, so the worst ratio; SDXL
 base with guidance runs batch 2, twice the step), one preview (the latents downsampled to at most 256 px,
 TAESD decode, JPEG), and the overhead per step at PREVIEW_EVERY_STEPS = 1, 2 and 4. The target: under 5%
 of a step at the default.
@@ -38,16 +38,20 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers import AutoencoderTiny
 
-    unet = full_unet_on_this_machine()
-    taesd = AutoencoderTiny.from_pretrained(MODELS / "taesd", torch_dtype=torch.bfloat16).eval()
+    from inference.pipeline import pick_dtype
+
+    dtype = pick_dtype("auto", "cpu")  # what the app runs here: bf16 only with AVX512-BF16 or AMX
+    print(f"dtype: {dtype}", flush=True)
+    unet = full_unet_on_this_machine().to(dtype)
+    taesd = AutoencoderTiny.from_pretrained(MODELS / "taesd", torch_dtype=dtype).eval()
     decoder = PreviewDecoder(taesd.to(memory_format=torch.channels_last))
     print(f"{'size':>6} {'UNet step s':>12} {'preview s':>10} {'preview/step':>13} "
           f"{'per step @1':>12} {'@2':>7} {'@4':>7}", flush=True)
     for size in (int(s) for s in args.sizes.split(",")):
-        unet_args, unet_kwargs = unet_arguments(size)
+        unet_args, unet_kwargs = unet_arguments(size, dtype)
         with torch.inference_mode():
             step = best_seconds(lambda: unet(*unet_args, **unet_kwargs), args.repeats)
-        latents = torch.randn(1, 4, size // 8, size // 8, dtype=torch.bfloat16)
+        latents = torch.randn(1, 4, size // 8, size // 8, dtype=dtype)
         preview = best_seconds(lambda: decoder(latents), args.repeats + 2)
         ratio = preview / step
         print(f"{size:>6} {step:>12.3f} {preview:>10.3f} {ratio:>12.1%} {ratio:>12.1%} {ratio / 2:>7.1%} "
