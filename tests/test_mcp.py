@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import start_app, stop_app
 
-TOOLS = {"generate_image", "submit", "submit_batch", "wait_all", "status", "cancel"}
+TOOLS = {"generate_image", "submit", "submit_batch", "wait_all", "status", "cancel", "history"}
 SMALL = {"negative_prompt": "", "preset": "base", "width": 256, "height": 256, "steps": 2, "guidance_scale": 5.0}
 
 
