@@ -32,9 +32,8 @@ from inference.errors import (GenerationError, InvalidRequest, QueueFull, QueueU
                               UnknownRequest)
 from inference.logcontext import RequestIdFilter, request_context
 from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, TAESDXL, ModelIdentity, get_preset
-from inference.images import init_image_key, prepare_init_image
+from inference.images import image_from_data_url, init_image_key, prepare_init_image
 from inference.loras import MAX_LORA_WEIGHT, MAX_LORAS, LoraCatalog, LoraSpec, parse_loras_setting
-from inference.preview import image_from_data_url
 from inference.request import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE,
                                GenerationRequest)
 from queueing.admission import Admission, Caller, identify, may_see, public_request_id, scoped_request_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 
@@ -108,3 +109,14 @@ def read_parameters(data: bytes) -> str | None:
     if isinstance(comment, bytes) and comment.startswith(b"UNICODE\x00"):
         return comment[8:].decode("utf-16-be")
     return comment
+
+
+# Live previews travel as data: URLs (inference/preview.py makes the JPEG; this module needs no torch, so
+# the app and the worker can import it before ZeroGPU's `spaces`, which must come before torch).
+def preview_data_url(jpeg: bytes) -> str:
+    """Small enough to travel inline in /status and the job record (a 256 px JPEG is a few KB)."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+def image_from_data_url(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))

@@ -6,7 +6,6 @@ cost grows with the pixels it makes), so a preview costs a fraction of a UNet st
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 
@@ -47,11 +46,3 @@ class PreviewDecoder:
         size = (max(1, round(height * factor)), max(1, round(width * factor)))
         return F.interpolate(latents.float(), size=size, mode="bilinear", antialias=True)
 
-
-def data_url(jpeg: bytes) -> str:
-    """Small enough to travel inline in /status and the job record (a 256 px JPEG is a few KB)."""
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-
-
-def image_from_data_url(url: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))

@@ -13,10 +13,9 @@ from typing import Any, Protocol
 from PIL import Image
 
 from inference.errors import Cancelled, GenerationError, GenerationFailed
-from inference.images import CONTENT_TYPES, encode, init_image_key, parameters_text
+from inference.images import CONTENT_TYPES, encode, init_image_key, parameters_text, preview_data_url
 from inference.logcontext import request_context
 from inference.presets import ModelIdentity
-from inference.preview import data_url
 from inference.request import GenerationRequest, GenerationResult
 from storage.cache import ResultCache
 from storage.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
@@ -260,7 +259,7 @@ class Worker:
             should_cancel=lambda: self._interrupted.is_set() or self._all_cancelled(fp),
             **({"init_image": init_image} if init_image is not None else {}),
             # Only to generators that make previews (PREVIEWS=1 and a tiny VAE loaded).
-            **({"on_preview": lambda jpeg: self._mark_group(fp, preview=data_url(jpeg))}
+            **({"on_preview": lambda jpeg: self._mark_group(fp, preview=preview_data_url(jpeg))}
                if getattr(self.generator, "previews", False) else {}),
         )
         seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ from PIL import Image
 
 from inference.pipeline import ImagePipeline, LoadOptions
 from inference.presets import ModelIdentity, get_preset
-from inference.preview import image_from_data_url
+from inference.images import image_from_data_url
 from inference.request import GenerationRequest
 from tests.conftest import open_form, wait_for_status
 
