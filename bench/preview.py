@@ -12,23 +12,13 @@ of a step at the default.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench.decode import best_of
 from bench.prepack_ab import unet_arguments
 from bench.speed import MODELS, full_unet_on_this_machine
 from inference.preview import PreviewDecoder
-
-
-def best_seconds(call, repeats: int) -> float:
-    call()  # warm-up: oneDNN primitives, allocator
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main() -> None:
@@ -50,9 +40,9 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         unet_args, unet_kwargs = unet_arguments(size, dtype)
         with torch.inference_mode():
-            step = best_seconds(lambda: unet(*unet_args, **unet_kwargs), args.repeats)
+            step = best_of(lambda: unet(*unet_args, **unet_kwargs), args.repeats)
         latents = torch.randn(1, 4, size // 8, size // 8, dtype=dtype)
-        preview = best_seconds(lambda: decoder(latents), args.repeats + 2)
+        preview = best_of(lambda: decoder(latents), args.repeats + 2)
         ratio = preview / step
         print(f"{size:>6} {step:>12.3f} {preview:>10.3f} {ratio:>12.1%} {ratio:>12.1%} {ratio / 2:>7.1%} "
               f"{ratio / 4:>7.1%}", flush=True)
