@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -31,13 +32,16 @@ import gradio as gr
 from inference.errors import (GenerationError, InvalidRequest, QueueFull, QueueUnavailable, TooManyRequests,
                               UnknownRequest)
 from inference.logcontext import RequestIdFilter, request_context
-from inference.presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, TAESDXL, ModelIdentity, get_preset
+from inference.presets import (DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, PRESETS, TAESDXL, ModelIdentity,
+                               get_preset)
 from inference.images import image_from_data_url, init_image_key, prepare_init_image
 from inference.loras import MAX_LORA_WEIGHT, MAX_LORAS, LoraCatalog, LoraSpec, parse_loras_setting
 from inference.request import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE,
                                GenerationRequest)
+from inference.revisions import pin
 from queueing.admission import Admission, Caller, identify, may_see, public_request_id, scoped_request_id
 from queueing.connectivity import check_all, kafka_endpoints, redis_endpoints, url_endpoint
+from queueing.experiments import Experiment, check_experiment, parse_experiment_setting
 from queueing.gateway import FallbackQueue, Gateway
 from queueing.metrics import Metrics
 from queueing.local import LocalQueue
@@ -329,6 +333,7 @@ class Settings:
     preview_vae_id: str | None = None  # PREVIEW_VAE_ID: TAESD for previews when the model's VAE is the full one
     loras: tuple[LoraSpec, ...] = ()  # LORAS: the styles this Space offers (inference/loras.py)
     bulk_every: int = 4  # BULK_EVERY: while both wait, at least 1 of this many runs is a bulk request (0: never first)
+    experiment: Experiment | None = None  # EXPERIMENT: an A/B test of a variant (queueing/experiments.py)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
@@ -364,6 +369,7 @@ class Settings:
             batch_max_requests=read.int("BATCH_MAX_REQUESTS", 16, minimum=1),
             bulk_every=read.int("BULK_EVERY", 4),
             loras=parse_loras_setting(read.str("LORAS")),
+            experiment=parse_experiment_setting(read.str("EXPERIMENT")),
             previews=read.flag("PREVIEWS", True),
             preview_every_steps=read.int("PREVIEW_EVERY_STEPS", 2, minimum=1),
             preview_vae_id=read.str("PREVIEW_VAE_ID"),
@@ -468,7 +474,9 @@ class Services:
 
     def describe_worker(self) -> dict[str, Any]:
         """This worker as the fleet sees it (heartbeat). No request ids: they are capabilities."""
-        return {"preset": self.identity.preset, "model": self.identity.model_id, "device": self.pipeline.device,
+        return {"preset": self.identity.preset, "model": self.identity.model_id,
+                "revision": self.identity.revision, "commit": self.identity.commit_of("model"),
+                "versions": self.identity.versions(), "device": self.pipeline.device,
                 "state": self.pipeline.state, "generations": self.worker.generations,
                 "mean_seconds": round(self.worker.mean_seconds, 2),
                 "busy": bool(self.consumer.busy) if self.consumer else False,
@@ -500,6 +508,8 @@ class Services:
                 "detail": pipeline.detail,
                 "preset": self.identity.preset,
                 "model": self.identity.model_id,
+                "revision": self.identity.revision,
+                "commit": self.identity.commit_of("model"),
                 "vae": self.identity.vae,
                 "device": pipeline.device,
                 "dtype": str(pipeline.dtype).removeprefix("torch."),
@@ -538,6 +548,24 @@ class Services:
 
     stopping: bool = False
 
+    def models(self) -> dict[str, Any]:
+        """/models: every preset, the versions (model and commits) serving it and the workers on each;
+        this worker's own identity; the running experiment. Names and commits only (no request ids)."""
+        workers = self._serving_workers()
+        return {
+            "presets": [_preset_entry(preset, [w for w in workers if w.get("preset") == preset.name])
+                        for preset in PRESETS.values()],
+            "this_worker": {"worker": self.settings.fleet.worker_name, "preset": self.identity.preset,
+                            **self.identity.versions()},
+            "experiment": self.gateway.experiment.describe() if self.gateway.experiment else None,
+        }
+
+    def _serving_workers(self) -> list[dict[str, Any]]:
+        """The fleet's live workers from their heartbeats, or this Space alone when it serves itself."""
+        if self.settings.fleet_queue and self.fleet is not None:
+            return _safe(self.fleet.workers, [])
+        return [dict(self.describe_worker(), worker=self.settings.fleet.worker_name)]
+
     def render_metrics(self) -> bytes:
         self.metrics.backlog.set(_safe(self.queue.depth, 0) or 0)
         if self.pipeline.load_seconds is not None:
@@ -556,6 +584,19 @@ class Services:
             counts[worker.get("preset", "?")] = counts.get(worker.get("preset", "?"), 0) + 1
         for preset, count in counts.items():
             self.metrics.workers.labels(preset).set(count)
+
+
+def _preset_entry(preset, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    versions: dict[tuple, dict[str, Any]] = {}
+    for worker in workers:
+        version = worker.get("versions") or {"model_id": worker.get("model"), "revision": worker.get("revision"),
+                                             "commit": worker.get("commit")}  # a worker of an older release
+        entry = versions.setdefault(json.dumps(version, sort_keys=True), {**version, "workers": []})
+        entry["workers"].append(worker.get("worker"))
+    return {"name": preset.name, "description": preset.description, "model_id": preset.model_id,
+            "width": preset.width, "height": preset.height, "default_steps": preset.default_steps,
+            "max_steps": preset.max_steps, "guidance_scale": preset.guidance_scale,
+            "cpu_supported": preset.cpu_supported, "served": bool(workers), "versions": list(versions.values())}
 
 
 def _safe(call, default):
@@ -596,6 +637,9 @@ def build_pipeline(settings: Settings):
     preset = get_preset(preset_name)
     identity = ModelIdentity.resolve(preset, settings.model_id, settings.model_revision, settings.tiny_vae_id,
                                      loras=settings.loras)
+    # Before anything is fingerprinted: "main" (or a tag) becomes the commit the worker will load, so a
+    # push to the model never lets an image of the old weights answer for the new ones.
+    identity = pin(identity)
     pipeline = ImagePipeline(LoadOptions(
         preset, identity, device, settings.dtype, warmup, settings.compile, settings.compile_cache_dir,
         settings.prepack, previews=settings.previews, preview_every_steps=settings.preview_every_steps,
@@ -609,6 +653,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
     if problems:
         raise ValueError("; ".join(problems))
     pipeline, preset, identity = build_pipeline(settings)
+    experiment = check_experiment(settings.experiment, identity.preset, LoraCatalog(settings.loras))
     if settings.zero_gpu:
         from inference.zerogpu import ZeroGPUPipeline
 
@@ -647,6 +692,7 @@ def build_services(settings: Settings, worker_only: bool = False) -> Services:
         _add_remote(settings, services, stores)
     services.webhooks = webhooks
     services.history = stores.history
+    services.gateway.experiment = experiment
     if serves_fleet and stores.remote_leases is not None:
         from queueing.remote import LeaseRescuer
 
@@ -1185,11 +1231,10 @@ class Handlers:
         metadata["timings"] = dict(metadata.get("timings", {}), total_s=round(time.perf_counter() - started, 4))
         if first.init_image:  # img2img: which start image (its sha256, the key in the object store) and how far
             metadata.update(init_image=first.init_image, strength=first.strength)
-        if first.loras:
-            metadata["loras"] = [{"name": name, "weight": weight} for name, weight in first.loras]
+        metadata.update(_request_labels(done[0]))
         gallery = [(path, self._caption(job.result)) for path, job in zip(files, done)]
         # Each image's own metadata, for a click on its thumbnail (the first one's is the one shown).
-        shown = [(path, metadata if job is done[0] else dict(job.result, variants=summaries))
+        shown = [(path, metadata if job is done[0] else dict(job.result, variants=summaries, **_request_labels(job)))
                  for path, job in zip(files, done)]
         return files[0], metadata, gallery, [job.request_id for job in jobs], shown
 
@@ -1394,6 +1439,40 @@ class Handlers:
             raise gr.Error(f"no request with id {request_id!r} of yours", title="Unknown request")
         return [self.gateway.cancel(job.request_id) for job in jobs][0]
 
+    @not_an_mcp_tool
+    def feedback(self, request_id: str, vote: str, request: gr.Request = None,
+                 profile: gr.OAuthProfile | None = None) -> dict:
+        """Rate one of your finished images: thumbs "up" or "down", once per image. Votes are counted in
+        /metrics by A/B experiment and arm (imagegen_feedback_total); returns the request's status.
+
+        Args:
+            request_id: the id of the image (as generate, submit or status returned it).
+            vote: "up" or "down".
+        """
+        caller = self._caller(request, profile)
+        internal = self._visible_job(request_id, caller)
+        try:
+            return self._public(self.gateway.feedback(internal, (vote or "").strip().lower()), request_id)
+        except GenerationError as error:
+            raise gr.Error(str(error), title="Invalid input") from None
+
+    @not_an_mcp_tool
+    def rate_shown(self, metadata: Any, vote: str, request: gr.Request = None,
+                   profile: gr.OAuthProfile | None = None) -> str:
+        """The page's thumbs buttons: rate the image shown (its metadata names its request)."""
+        request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
+        if not request_id:
+            raise gr.Error("generate an image first", title="Nothing to rate")
+        status = self.feedback(request_id, vote, request, profile)
+        arm = status.get("experiment")
+        return f"Rated {vote}" + (f" (experiment {arm['name']}, arm {arm['arm']})" if arm else "") + "."
+
+    @not_an_mcp_tool
+    def models(self) -> dict:
+        """Presets, the model versions (commits) serving each and the workers on them, and the running
+        A/B experiment: what GET /models returns."""
+        return self.services.models()
+
     @staticmethod
     def _public(status: dict[str, Any], request_id: str) -> dict[str, Any]:
         """The caller sees the id they used, not its scoped form."""
@@ -1417,6 +1496,16 @@ class Handlers:
             text += f"\n\n⚠️ {backend} unavailable ({state['reason']}): {state['meaning']}."
         # Fast while loading; then slow, to keep showing degraded backends as they come and go.
         return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
+
+
+def _request_labels(job: Job) -> dict[str, Any]:
+    """What the job's request adds to an image's metadata: its styles (a variant arm's too) and A/B arm."""
+    labels: dict[str, Any] = {}
+    if job.request.get("loras"):
+        labels["loras"] = job.request["loras"]
+    if job.request.get("experiment"):
+        labels["experiment"] = {"name": job.request["experiment"], "arm": job.request.get("arm")}
+    return labels
 
 
 HISTORY_FIELDS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed",
@@ -1526,6 +1615,10 @@ def build_ui(services: Services):
                                  interactive=False)
                 variants = gr.Gallery(label="Variants (click one to show it)", columns=MAX_IMAGES, height=200,
                                       elem_id="variants", allow_preview=False)
+                with gr.Row():
+                    thumbs_up = gr.Button("👍 Good", size="sm", elem_id="thumbs-up")
+                    thumbs_down = gr.Button("👎 Bad", size="sm", elem_id="thumbs-down")
+                    rated = gr.Markdown(elem_id="rated")
                 metadata = gr.JSON(label="Metadata", elem_id="metadata")
                 gallery = gr.Gallery(label="This session", columns=4, height=240)
                 with gr.Accordion("History: your recent images, on any clone", open=True, elem_id="history-panel"):
@@ -1589,6 +1682,11 @@ def build_ui(services: Services):
         gr.Button(visible=False).click(handlers.wait_all, [gr.JSON(visible=False), gr.Number(60, visible=False)],
                                        gr.JSON(visible=False), api_name="wait_all", concurrency_limit=None)
         status_btn.click(handlers.status, request_id, job_info, api_name="status")
+        for button, vote in ((thumbs_up, "up"), (thumbs_down, "down")):
+            button.click(handlers.rate_shown, [metadata, gr.State(vote)], rated, api_visibility="private")
+        gr.Button(visible=False).click(handlers.feedback, [gr.Textbox(visible=False), gr.Textbox(visible=False)],
+                                       gr.JSON(visible=False), api_name="feedback")
+        gr.Button(visible=False).click(handlers.models, None, gr.JSON(visible=False), api_name="models")
         cancel_id_btn.click(handlers.cancel, request_id, job_info, api_name="cancel")
         # Liveness through Gradio's own queue (monitors; the benchmark's no-op baseline). Undocumented.
         ping_btn = gr.Button(visible=False)
@@ -1604,7 +1702,7 @@ def build_ui(services: Services):
 
 
 def _add_service_routes(app, services: Services) -> None:
-    """/healthz, /readyz, /metrics and the output folder under /outputs, next to the Gradio UI + API."""
+    """/healthz, /readyz, /models, /metrics and the output folder under /outputs, beside the Gradio UI + API."""
     from fastapi.responses import JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from prometheus_client import CONTENT_TYPE_LATEST
@@ -1621,6 +1719,10 @@ def _add_service_routes(app, services: Services) -> None:
     def readyz() -> JSONResponse:
         status = services.health()["status"]
         return JSONResponse({"status": status}, status_code=200 if status in READY_STATES else 503)
+
+    @app.get("/models")
+    def models() -> JSONResponse:
+        return JSONResponse(services.models())
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -1754,10 +1856,9 @@ READY_STATES = ("ok", "degraded")  # /readyz: the model is loaded and the proces
 
 def start_health_server(services: Services, host: str, port: int):
     """The headless worker's /healthz (liveness: 503 once failed or stopping), /readyz (readiness: 200
-    only while ready) and /metrics, for Kubernetes probes and Prometheus. Standard library only: the
+    only while ready), /models and /metrics, for Kubernetes probes and Prometheus. Standard library only: the
     worker runs no web framework."""
     import http.server
-    import json as json_module
 
     from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -1767,13 +1868,16 @@ def start_health_server(services: Services, host: str, port: int):
             if path == "/metrics":
                 self._send(200, services.render_metrics(), CONTENT_TYPE_LATEST)
                 return
+            if path == "/models":
+                self._send(200, json.dumps(services.models()).encode(), "application/json")
+                return
             if path not in ("/healthz", "/readyz"):
                 self._send(404, b'{"error": "not found"}', "application/json")
                 return
             health = services.health()
             ok = health["status"] in READY_STATES if path == "/readyz" else health["status"] not in ("failed",
                                                                                                   "stopping")
-            self._send(200 if ok else 503, json_module.dumps(health).encode(), "application/json")
+            self._send(200 if ok else 503, json.dumps(health).encode(), "application/json")
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)

@@ -61,8 +61,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def parameters_text(request: GenerationRequest, sampler: str, model: str) -> str:
-    """The A1111 `parameters` format: prompt, `Negative prompt:` line, then `Key: value` pairs."""
+def parameters_text(request: GenerationRequest, sampler: str, model: str, model_hash: str = "") -> str:
+    """The A1111 `parameters` format: prompt, `Negative prompt:` line, then `Key: value` pairs.
+    model_hash: the commit the weights were loaded at (A1111 writes a short hash of the checkpoint)."""
     settings = ", ".join(
         f"{key}: {value}"
         for key, value in (
@@ -71,6 +72,7 @@ def parameters_text(request: GenerationRequest, sampler: str, model: str) -> str
             ("CFG scale", f"{request.guidance_scale:g}"),
             ("Seed", request.seed),
             ("Size", f"{request.width}x{request.height}"),
+            *((("Model hash", model_hash.removeprefix("sha256:")[:10]),) if model_hash else ()),
             ("Model", model),
             *((("Denoising strength", f"{request.strength:g}"), ("Init image hash", request.init_image[:12]))
               if request.init_image else ()),

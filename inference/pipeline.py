@@ -183,11 +183,15 @@ class ImagePipeline:
         diffusers.utils.logging.disable_progress_bar()  # per-component bars only clutter server logs
         identity, preset = self.options.identity, self.options.preset
         pipeline_class = getattr(diffusers, preset.pipeline_class)
-        pipe = self._from_pretrained(pipeline_class, identity.model_id, "MODEL_ID", "model", identity.revision)
+        # Hub weights load at the commit the identity was pinned to (inference/revisions.py): the pixels
+        # are exactly those its fingerprints promise, even if "main" moves while this worker runs.
+        pipe = self._from_pretrained(pipeline_class, identity.model_id, "MODEL_ID", "model",
+                                     identity.hub_revision("model", identity.revision))
         if identity.unet_weights:
-            self._load_unet_weights(pipe, preset.unet_weights)
+            self._load_unet_weights(pipe, preset.unet_weights, identity.hub_revision("unet_weights"))
         if identity.vae != "full":
-            pipe.vae = self._from_pretrained(diffusers.AutoencoderTiny, identity.vae, "TINY_VAE_ID", "tiny VAE")
+            pipe.vae = self._from_pretrained(diffusers.AutoencoderTiny, identity.vae, "TINY_VAE_ID", "tiny VAE",
+                                             identity.hub_revision("vae"))
         scheduler_class = getattr(diffusers, preset.scheduler)
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(preset.scheduler_options))
         pipe.set_progress_bar_config(disable=True)
@@ -213,13 +217,14 @@ class ImagePipeline:
         except Exception as error:
             raise _unavailable(what, setting, source, error) from error
 
-    def _load_unet_weights(self, pipe: diffusers.DiffusionPipeline, weights: tuple[str, str]) -> None:
+    def _load_unet_weights(self, pipe: diffusers.DiffusionPipeline, weights: tuple[str, str],
+                           revision: str = "main") -> None:
         from huggingface_hub import hf_hub_download
         from safetensors.torch import load_file
 
         repo, filename = weights
         try:
-            path = hf_hub_download(repo, filename)
+            path = hf_hub_download(repo, filename, revision=revision)
         except Exception as error:
             raise _unavailable("UNet weights", "MODEL_ID", f"{repo}/{filename}", error) from error
         pipe.unet.load_state_dict(load_file(path))
@@ -289,7 +294,7 @@ class ImagePipeline:
         from inference.compiled import compile_cache_dir
 
         identity = self.options.identity
-        model_key = f"{identity.model_id}@{identity.revision} unet={identity.unet_weights}"
+        model_key = f"{identity.model_id}@{identity.commit_of('model') or identity.revision} unet={identity.unet_weights}"
         return compile_cache_dir(self.options.compile_cache, model_key, self.dtype)
 
     def _default_latent_size(self) -> tuple[int, int]:

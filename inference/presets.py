@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from inference.errors import InvalidRequest
 
@@ -110,6 +111,9 @@ class ModelIdentity:
     vae: str
     scheduler: str
     loras: tuple[tuple[str, str], ...] = ()  # the allowed styles: (name, where its weights come from)
+    # (component, commit) for model / unet_weights / vae once inference.revisions.pin resolved them: a
+    # hub commit, or "sha256:..." of a local folder. Empty: fingerprinted by the revision's name.
+    commits: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def resolve(
@@ -139,13 +143,38 @@ class ModelIdentity:
             loras=tuple((spec.name, spec.key) for spec in loras),
         )
 
-    def as_dict(self) -> dict[str, str]:
-        """The base model (styles enter a fingerprint only when a request uses them: lora_sources)."""
-        return {key: value for key, value in self.__dict__.items() if key != "loras"}
+    def as_dict(self) -> dict[str, Any]:
+        """The base model (styles enter a fingerprint only when a request uses them: lora_sources).
+        Once pinned, the commits stand for the revision's name: "main" and the commit it names are one
+        model, and "main" after a push is another."""
+        model = {key: value for key, value in self.__dict__.items() if key not in ("loras", "commits")}
+        if self.commits:
+            del model["revision"]
+            model["commits"] = dict(self.commits)
+        return model
+
+    def commit_of(self, component: str) -> str | None:
+        """The resolved commit of model, unet_weights or vae (None: not resolved)."""
+        return dict(self.commits).get(component)
+
+    def hub_revision(self, component: str, default: str = "main") -> str:
+        """What to load a hub component at: its commit when resolved (exactly what was fingerprinted)."""
+        commit = self.commit_of(component)
+        return commit if commit and not commit.startswith("sha256:") else default
+
+    def versions(self) -> dict[str, Any]:
+        """The weights this identity names, for /models, /healthz and image metadata."""
+        return {"model_id": self.model_id, "revision": self.revision, "commit": self.commit_of("model"),
+                "unet_weights": self.unet_weights or None, "vae": self.vae, "commits": dict(self.commits)}
 
     def lora_sources(self, names: list[str]) -> dict[str, str]:
         known = dict(self.loras)
         return {name: known.get(name, "not offered") for name in names}
+
+    @property
+    def model_revision(self) -> str:
+        """The model's commit when resolved, else its revision's name (image metadata)."""
+        return self.commit_of("model") or self.revision
 
     @property
     def label(self) -> str:

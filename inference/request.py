@@ -31,6 +31,8 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 DEFAULT_STRENGTH = 0.6  # img2img: how far from the sketch the result may go (1.0: nothing of it is kept)
 PRIORITIES = ("interactive", "bulk")  # interactive (people waiting) runs before bulk (the backend's batches)
 MAX_WEBHOOK_URL_CHARS = 2000
+EXPERIMENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+ARMS = ("control", "variant")  # an A/B experiment's arms (queueing/experiments.py)
 
 
 def canonical_json(value: Any) -> str:
@@ -130,6 +132,14 @@ def _strength(value: Any, steps: int) -> float:
     return round(float(value), 4)
 
 
+def _experiment_arm(experiment: Any, arm: Any) -> dict[str, str]:
+    if experiment in (None, "") and arm in (None, ""):
+        return {}
+    if not isinstance(experiment, str) or not EXPERIMENT_NAME.fullmatch(experiment):
+        raise InvalidRequest("experiment", f"must be 1..40 of a-z 0-9 _ - , got {experiment!r}")
+    return {"experiment": experiment, "arm": _choice("arm", arm, ARMS)}
+
+
 def _request_id(value: Any) -> str:
     if value is None or value == "":
         return uuid.uuid4().hex
@@ -164,6 +174,10 @@ class GenerationRequest:
     # webhook request is a cache hit for the same image asked interactively, and the reverse.
     priority: str = field(default="interactive", compare=False)
     webhook_url: str = field(default="", compare=False)
+    # The A/B experiment and arm the door put it in (queueing/experiments.py). The arm's pixels are in
+    # the fields above (a variant's styles are in loras); the labels are only recorded.
+    experiment: str = field(default="", compare=False)
+    arm: str = field(default="", compare=False)
 
     @classmethod
     def create(
@@ -183,6 +197,8 @@ class GenerationRequest:
         init_image: Any = None,
         strength: Any = None,
         loras: Any = None,
+        experiment: Any = None,
+        arm: Any = None,
     ) -> GenerationRequest:
         """Validate raw input (from a form, an API call or a message); omitted values take the preset's."""
         if not isinstance(preset, str):
@@ -207,7 +223,7 @@ class GenerationRequest:
         fields_["seed"] = _integer("seed", seed, 0, MAX_SEED) if seed_was_given else derive_seed(_seed_fields(fields_))
         return cls(**fields_, request_id=_request_id(request_id), seed_was_given=seed_was_given,
                    priority=_choice("priority", priority or "interactive", PRIORITIES),
-                   webhook_url=_webhook_url(webhook_url))
+                   webhook_url=_webhook_url(webhook_url), **_experiment_arm(experiment, arm))
 
     def variants(self, num_images: Any) -> list[GenerationRequest]:
         """This request and num_images - 1 siblings on the next seeds (seed, seed+1, ... wrapping at
@@ -237,7 +253,7 @@ class GenerationRequest:
         # Defaults are left out: the message of a plain request is what workers before these fields read.
         data["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
         for name, default in (("priority", "interactive"), ("webhook_url", ""), ("init_image", ""),
-                              ("strength", 0.0), ("loras", [])):
+                              ("strength", 0.0), ("loras", []), ("experiment", ""), ("arm", "")):
             if data[name] == default:
                 del data[name]
         return data
@@ -281,6 +297,7 @@ class GenerationResult:
     steps: int
     preset: str
     model: str
+    model_revision: str = ""  # the commit the weights were loaded at (a folder's "sha256:..."), else the name
     worker: str = ""
     backend: str = ""  # who made the image: local (a Space's own worker), fleet (a queue worker), remote (GPU service)
     storage: str = ""  # where the object lives: primary (R2) or fallback (S3_FALLBACK_*); empty for a local folder

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from inference.errors import InvalidRequest, QueueFull, QueueUnavailable, UnknownRequest
 from inference.presets import ModelIdentity
 from inference.request import GenerationRequest
+from queueing.experiments import VOTES, Experiment
 from queueing.webhooks import host_of
 from queueing.worker import Worker
 from storage.cache import ResultCache
@@ -85,8 +86,9 @@ class Gateway:
 
     def __init__(self, identity: ModelIdentity, cache: ResultCache, jobs: JobStore, objects: ObjectStore,
                  queue: RequestQueue, inflight: Worker | None = None, metrics: Any = None,
-                 router: Any = None, remote: Any = None) -> None:
+                 router: Any = None, remote: Any = None, experiment: Experiment | None = None) -> None:
         self.identity, self.cache, self.jobs, self.objects = identity, cache, jobs, objects
+        self.experiment = experiment  # EXPERIMENT: puts a share of the requests in its variant arm
         self.queue, self.inflight, self.metrics = queue, inflight, metrics
         # router (queueing.routing.Router) and remote (queueing.remote.RemoteBackend): a GPU service for
         # peaks, when one is configured. Without them every request goes to the queue.
@@ -101,10 +103,14 @@ class Gateway:
             raise InvalidRequest(
                 "preset", f"{request.preset!r} is not loaded here; this Space serves {self.identity.preset!r}"
             )
+        if self.experiment is not None:  # before the fingerprint: the variant arm's styles change the pixels
+            request = self.experiment.assign(request)
         fp = fingerprint(request, self.identity)
         existing = self.jobs.get(request.request_id)
         if existing is not None and not self._may_resubmit(existing, fp, owner):
             return existing
+        if request.experiment and self.metrics:
+            self.metrics.experiment_requests.labels(request.experiment, request.arm).inc()
         who = {"owner": owner, "private": private}
         cached = self.cache.get(fp)
         if cached is not None:
@@ -178,11 +184,32 @@ class Gateway:
             # While running, every PREVIEW_EVERY_STEPS steps: a small JPEG of the image so far (a data: URL).
             "preview": job.preview or None,
         }
+        if job.request.get("experiment"):  # the A/B arm it was rendered in
+            status["experiment"] = {"name": job.request["experiment"], "arm": job.request.get("arm")}
+        if job.feedback:  # the owner's thumbs on it (/feedback)
+            status["feedback"] = job.feedback
         if job.request.get("webhook_url"):  # the host only: the URL's path or query may hold the receiver's token
             status["webhook"] = {"host": host_of(job.request["webhook_url"]), "deliveries": job.webhook_deliveries}
         if not job.finished and job.backend != "remote":
             status.update(self.queue.wait_estimate())
         return status
+
+    def feedback(self, request_id: str, vote: str) -> dict[str, Any]:
+        """Records the owner's thumbs on a finished image, once: counted in /metrics under the request's
+        experiment and arm ("none" outside one), so the arms of an experiment can be compared."""
+        if vote not in VOTES:
+            raise InvalidRequest("vote", f"must be one of {list(VOTES)}, got {vote!r}")
+        job = self.job(request_id)
+        if job.state != DONE:
+            raise InvalidRequest("request_id", f"only a finished image can be rated; this request is {job.state}")
+        if job.feedback and job.feedback != vote:
+            raise InvalidRequest("vote", f"this image was already rated {job.feedback!r}: one vote per image")
+        if not job.feedback:
+            self.jobs.update(request_id, feedback=vote)
+            if self.metrics:
+                self.metrics.feedback.labels(job.request.get("experiment") or "none", job.request.get("arm") or "none",
+                                             vote).inc()
+        return self.status(request_id)
 
     def queue_position(self, job: Job) -> int | None:
         if job.finished:

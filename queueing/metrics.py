@@ -39,6 +39,11 @@ class Metrics:
                                 registry=r)
         self.priority_picks = Counter("imagegen_priority_picks_total", "Requests a worker took, by priority lane",
                                       ["priority"], registry=r)
+        self.experiment_requests = Counter("imagegen_experiment_requests_total",
+                                           "Requests put in an A/B experiment's arm (EXPERIMENT)",
+                                           ["experiment", "arm"], registry=r)
+        self.feedback = Counter("imagegen_feedback_total", "Designers' thumbs on results, by experiment and arm "
+                                "(\"none\" outside an experiment)", ["experiment", "arm", "vote"], registry=r)
         self.model_load_seconds = Gauge("imagegen_model_load_seconds", "Time to load and warm up the model",
                                         registry=r)
 

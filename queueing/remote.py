@@ -322,7 +322,7 @@ class RemoteBackend:
         result = GenerationResult(
             request_id=request.request_id, fingerprint=fp, seed=request.seed, url=stored.url, object_key=key,
             content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
-            steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.worker_name,
+            steps=request.steps, preset=request.preset, model=self.identity.model_id, model_revision=self.identity.model_revision, worker=self.worker_name,
             backend="remote", storage=stored.storage, persisted=stored.persisted,
             timings={"generate_s": round(generated - started, 4), "store_s": round(time.perf_counter() - generated, 4)},
         ).to_dict()

@@ -244,7 +244,7 @@ class Worker:
         return GenerationResult(
             request_id=request.request_id, fingerprint=fp, seed=request.seed, url=stored_object.url, object_key=key,
             content_type=CONTENT_TYPES[request.output_format], width=request.width, height=request.height,
-            steps=request.steps, preset=request.preset, model=self.identity.model_id, worker=self.name,
+            steps=request.steps, preset=request.preset, model=self.identity.model_id, model_revision=self.identity.model_revision, worker=self.name,
             backend=self.backend, storage=stored_object.storage, persisted=stored_object.persisted,
             timings={"generate_s": round(generated - started, 4), "store_s": round(stored - generated, 4)},
         ).to_dict()
@@ -266,7 +266,8 @@ class Worker:
         self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * seconds
         if self.metrics:
             self.metrics.generation_seconds.labels(request.preset).observe(seconds)
-        return encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label))
+        return encode(image, request.output_format, parameters_text(request, self.sampler_label, self.identity.label,
+                                                                  self.identity.commit_of("model") or ""))
 
     def _init_image(self, request: GenerationRequest) -> Image.Image | None:
         """An img2img request's start image, from the object store (a message carries only its hash)."""

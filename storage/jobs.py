@@ -36,6 +36,7 @@ class Job:
     finished_at: float | None = None
     preview: str = ""  # while running: a small JPEG of the image so far, as a data: URL (inference/preview.py)
     webhook_deliveries: list[dict[str, Any]] = field(default_factory=list)  # every POST attempt (queueing.webhooks)
+    feedback: str = ""  # the owner's thumbs "up" or "down" on the result (/feedback), counted per A/B arm
     version: int = 0  # bumped on every change, so waiters can tell "changed since I looked"
 
     @property

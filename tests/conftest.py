@@ -64,6 +64,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return TinyModel(sdxl=folder / "sdxl", taesd=folder / "taesd")
 
 
+@pytest.fixture(scope="session")
+def loras_setting(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """LORAS offering two styles made with peft for the tiny SDXL: ink (labelled "Ink wash") and pixel."""
+    from tests.sdxl_builder import build_tiny_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    ink = build_tiny_lora(tiny_model.sdxl, folder / "ink", seed=1)
+    pixel = build_tiny_lora(tiny_model.sdxl, folder / "pixel", seed=2)
+    return json.dumps({"ink": {"source": str(ink), "label": "Ink wash"}, "pixel": str(pixel)})
+
+
 def app_env(tiny_model: TinyModel, port: int, output_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "MODEL_", "SPACE_", "KAFKA_", "REDIS_", "R2_", "S3_"))}
     env.update(

@@ -19,17 +19,8 @@ from inference.presets import ModelIdentity, get_preset
 from inference.request import GenerationRequest
 from storage.keys import fingerprint
 from tests.conftest import open_form, start_app, stop_app
-from tests.sdxl_builder import build_tiny_lora
 
 FIELDS = dict(negative_prompt="", preset="base", width=256, height=256, steps=3, guidance_scale=5.0)
-
-
-@pytest.fixture(scope="module")
-def loras_setting(tiny_model, tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("loras")
-    ink = build_tiny_lora(tiny_model.sdxl, folder / "ink", seed=1)
-    pixel = build_tiny_lora(tiny_model.sdxl, folder / "pixel", seed=2)
-    return json.dumps({"ink": {"source": str(ink), "label": "Ink wash"}, "pixel": str(pixel)})
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ class Predictor(BasePredictor):
                                 output_format)
         image = self.pipeline.generate(request, on_step=_print_step, should_cancel=lambda: False)
         data = encode(image, request.output_format,
-                      parameters_text(request, self.preset.sampler_label, self.identity.label))
+                      parameters_text(request, self.preset.sampler_label, self.identity.label,
+                                      self.identity.commit_of("model") or ""))
         out = Path(tempfile.mkdtemp()) / f"image.{request.output_format}"
         out.write_bytes(data)
         return out
