@@ -1485,7 +1485,9 @@ class Handlers:
         pipeline = self.services.pipeline
         ready = pipeline.state == "ready"
         if ready:
-            text = f"Model ready: **{self.services.identity.model_id}** on {pipeline.device} ({pipeline.detail})."
+            identity = self.services.identity
+            text = (f"Model ready: **{identity.model_id}** at `{_short_revision(identity.model_revision)}` on "
+                    f"{pipeline.device} ({pipeline.detail}).")
         elif pipeline.state == "failed":
             text = f"⚠️ Model failed to load: {pipeline.error}"
         else:
@@ -1496,6 +1498,12 @@ class Handlers:
             text += f"\n\n⚠️ {backend} unavailable ({state['reason']}): {state['meaning']}."
         # Fast while loading; then slow, to keep showing degraded backends as they come and go.
         return text, gr.Timer(value=1.0 if not ready else 5.0, active=pipeline.state != "failed")
+
+
+def _short_revision(revision: str) -> str:
+    """A commit as people quote it (12 hex digits, a folder digest keeps its "sha256:"), a name as it is."""
+    prefix, _, digits = revision.rpartition(":")
+    return f"{prefix}:{digits[:12]}" if prefix else revision[:12] if len(revision) == 40 else revision
 
 
 def _request_labels(job: Job) -> dict[str, Any]:

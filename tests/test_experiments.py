@@ -17,7 +17,7 @@ from inference.request import GenerationRequest
 from queueing.admission import identify, scoped_request_id
 from queueing.experiments import check_experiment, parse_experiment_setting
 from storage.keys import fingerprint
-from tests.conftest import open_form, start_app, stop_app
+from tests.conftest import get_json, open_form, start_app, stop_app
 
 FIELDS = dict(negative_prompt="", preset="base", width=256, height=256, steps=2, guidance_scale=5.0)
 SETTING = json.dumps({"name": "ink-style", "share": 0.5, "variant": {"loras": ["ink:0.8"]}})
@@ -153,9 +153,11 @@ def test_an_experiment_on_a_style_the_space_does_not_offer_stops_the_app(tiny_mo
     assert "Traceback" not in str(raised.value)
 
 
-def test_the_page_shows_the_arm_and_takes_a_thumbs_up(browser, ab_app, artifacts) -> None:
+def test_the_page_shows_the_version_and_the_arm_and_takes_a_thumbs_up(browser, ab_app, artifacts) -> None:
     page = open_form(browser, ab_app.url, "a paper lamp on a desk", height_px=1500, Width="256", Height="256",
                      Steps="2", Seed="3")
+    commit = get_json(f"{ab_app.url}/healthz")[1]["model"]["commit"]  # the tiny model's folder digest
+    page.locator("#model-banner").get_by_text(commit[:len("sha256:") + 12]).wait_for(timeout=10_000)
     page.locator("#generate").click()
     page.locator("#metadata").get_by_text("ink-style").wait_for(timeout=90_000)
     page.locator("#thumbs-up").click()
