@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client
 
 from inference.errors import InvalidRequest
+from inference.images import read_parameters
 from inference.loras import LoraCatalog, parse_loras_setting
 from inference.presets import ModelIdentity, get_preset
 from inference.request import GenerationRequest
@@ -165,3 +166,22 @@ def test_the_page_shows_the_version_and_the_arm_and_takes_a_thumbs_up(browser, a
         timeout=20_000)
     page.screenshot(path=str(artifacts / "experiment.png"), full_page=True)
     page.close()
+
+
+def test_the_arm_travels_through_the_fleet_and_models_lists_its_workers(fleet, loras_setting) -> None:
+    """A UI/API-only Space assigns the arm; a worker elsewhere renders the variant's styles from the topic."""
+    always = SETTING.replace("0.5", "1")
+    front = fleet.start_app("front", KAFKA_CONSUME="0", LORAS=loras_setting, EXPERIMENT=always)
+    fleet.start_worker("w1", LORAS=loras_setting, EXPERIMENT=always)
+    fleet.start_worker("w2", LORAS=loras_setting, EXPERIMENT=always)
+    fleet.wait_for_workers(["w1", "w2"])
+    client = Client(front.url, verbose=False)
+    path, meta = client.predict("a fleet lantern", **FIELDS, seed=21, api_name="/generate")[:2]
+    assert meta["worker"] in ("w1", "w2") and meta["experiment"] == {"name": "ink-style", "arm": "variant"}
+    assert meta["loras"] == [{"name": "ink", "weight": 0.8}]
+    with open(path, "rb") as handle:
+        assert read_parameters(handle.read()).splitlines()[0] == "a fleet lantern <lora:ink:0.8>"
+    models = get_json(f"{front.url}/models")[1]
+    base = next(preset for preset in models["presets"] if preset["name"] == "base")
+    assert base["served"] and [version["workers"] for version in base["versions"]] == [["w1", "w2"]]
+    assert base["versions"][0]["commit"] == models["this_worker"]["commit"]  # one model folder, one digest
