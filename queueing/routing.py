@@ -57,6 +57,8 @@ class Router:
     def _decide(self, request: GenerationRequest) -> Decision:
         if request.init_image:  # the prediction service's inputs have no start image
             return self._stay("img2img", "img2img requests stay on the fleet (the GPU service takes no start image)")
+        if request.loras:  # nor styles: it would render the base model under the styled request's fingerprint
+            return self._stay("styles", "requests with styles stay on the fleet (the GPU service loads no LORAS)")
         wanted = self._wants_remote(request)
         if wanted is None:
             return self._stay("within capacity", self._within_words())

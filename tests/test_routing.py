@@ -47,3 +47,15 @@ def test_the_budget_sends_the_rest_to_the_fleet() -> None:
     decisions = [router.decide(_request(i)) for i in range(3)]
     assert [d.backend for d in decisions] == ["remote", "remote", "fleet"]
     assert "REMOTE_MAX_PER_HOUR=2 is spent" in decisions[2].reason and decisions[2].label == "remote budget spent"
+
+
+def test_what_the_gpu_service_cannot_render_stays_on_the_fleet() -> None:
+    """Its predictor takes neither a start image nor styles: sent there, the image would lack them but be
+    cached under their fingerprint (an A/B variant arm is such a request)."""
+    router = _router(workers=0, share=1.0)
+    assert router.decide(_request()).remote
+    styled = GenerationRequest.create("route", preset="turbo", seed=1, loras=["ink:0.8"])
+    sketch = GenerationRequest.create("route", preset="turbo", seed=1, init_image="a" * 64, strength=1.0)
+    for request, words in ((styled, "GPU service loads no LORAS"), (sketch, "GPU service takes no start image")):
+        decision = router.decide(request)
+        assert decision.backend == "fleet" and words in decision.reason
