@@ -475,7 +475,6 @@ class Services:
     def describe_worker(self) -> dict[str, Any]:
         """This worker as the fleet sees it (heartbeat). No request ids: they are capabilities."""
         return {"preset": self.identity.preset, "model": self.identity.model_id,
-                "revision": self.identity.revision, "commit": self.identity.commit_of("model"),
                 "versions": self.identity.versions(), "device": self.pipeline.device,
                 "state": self.pipeline.state, "generations": self.worker.generations,
                 "mean_seconds": round(self.worker.mean_seconds, 2),
@@ -587,10 +586,10 @@ class Services:
 
 
 def _preset_entry(preset, workers: list[dict[str, Any]]) -> dict[str, Any]:
-    versions: dict[tuple, dict[str, Any]] = {}
+    """One preset of /models: its settings, and its live workers grouped by the weights they loaded."""
+    versions: dict[str, dict[str, Any]] = {}
     for worker in workers:
-        version = worker.get("versions") or {"model_id": worker.get("model"), "revision": worker.get("revision"),
-                                             "commit": worker.get("commit")}  # a worker of an older release
+        version = worker.get("versions") or {"model_id": worker.get("model")}  # a worker of an older release
         entry = versions.setdefault(json.dumps(version, sort_keys=True), {**version, "workers": []})
         entry["workers"].append(worker.get("worker"))
     return {"name": preset.name, "description": preset.description, "model_id": preset.model_id,
