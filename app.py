@@ -638,7 +638,7 @@ def build_pipeline(settings: Settings):
                                      loras=settings.loras)
     # Before anything is fingerprinted: "main" (or a tag) becomes the commit the worker will load, so a
     # push to the model never lets an image of the old weights answer for the new ones.
-    identity = pin(identity)
+    identity = pin(identity, settings.compile_cache_dir.expanduser() / "folder-digests.json")
     pipeline = ImagePipeline(LoadOptions(
         preset, identity, device, settings.dtype, warmup, settings.compile, settings.compile_cache_dir,
         settings.prepack, previews=settings.previews, preview_every_steps=settings.preview_every_steps,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from inference.presets import ModelIdentity
@@ -26,13 +28,49 @@ HUB_TIMEOUT_SECONDS = 5.0  # a startup that cannot reach the Hub falls back to t
 PROBE_FILES = {"model": "model_index.json", "vae": "config.json"}
 
 
-def folder_digest(folder: Path) -> str:
+class DigestMemo:
+    """Each file's sha256 remembered by its path, size and modification time, in a JSON file that
+    survives restarts (next to the compiled UNet cache): hashing a full SDXL folder reads 7-10 GB, about
+    as long as loading it; a restart with unchanged weights then only stats them."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path, self.entries, self.changed = path, {}, False
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                logger.warning("ignoring an unreadable digest memo %s", path)
+
+    def sha256(self, file: Path) -> bytes:
+        stat = file.stat()
+        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+        known = self.entries.get(key)
+        if isinstance(known, list) and known[:2] == stamp:
+            return bytes.fromhex(known[2])
+        digest = _file_sha256(file)
+        self.entries[key], self.changed = [*stamp, digest.hex()], True
+        return digest
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False) as handle:
+                json.dump(self.entries, handle)
+            os.replace(handle.name, self.path)  # whole or not at all: another worker may read it now
+        except OSError as error:  # a read-only disk costs the next start a re-hash, nothing else
+            logger.warning("could not save the digest memo %s: %s", self.path, error)
+
+
+def folder_digest(folder: Path, memo: DigestMemo | None = None) -> str:
     """sha256 over every file's relative path and contents (hidden folders such as .cache skipped).
     Reading the weights here also warms the page cache for the load that follows."""
+    memo = memo or DigestMemo()
     digest = hashlib.sha256()
     for path in sorted(_files(folder)):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(_file_sha256(path))
+        digest.update(memo.sha256(path))
     return "sha256:" + digest.hexdigest()
 
 
@@ -53,7 +91,7 @@ def _files(folder: Path):
                 yield Path(root) / name
 
 
-def resolve_commit(source: str, revision: str, probe_file: str) -> str | None:
+def resolve_commit(source: str, revision: str, probe_file: str, memo: DigestMemo | None = None) -> str | None:
     """The commit a source's revision names now: a local folder's content digest (or, for a folder
     inside the Hugging Face cache, its snapshot's commit), a hub repository's commit from the Hub, else
     from the local cache. None when neither can tell (the caller keeps the name and says so)."""
@@ -61,7 +99,7 @@ def resolve_commit(source: str, revision: str, probe_file: str) -> str | None:
     if folder.is_dir():
         if folder.parent.name == "snapshots" and COMMIT.fullmatch(folder.name):
             return folder.name
-        return folder_digest(folder)
+        return folder_digest(folder, memo)
     if COMMIT.fullmatch(revision):
         return revision
     return _hub_commit(source, revision) or _cached_commit(source, revision, probe_file)
@@ -93,11 +131,12 @@ def _cached_commit(repo_id: str, revision: str, probe_file: str) -> str | None:
     return snapshot.name if COMMIT.fullmatch(snapshot.name) else None
 
 
-def pin(identity: ModelIdentity) -> ModelIdentity:
-    """identity with the commit of each component it loads (model, separate UNet weights, tiny VAE)."""
-    commits = {}
+def pin(identity: ModelIdentity, memo_path: Path | None = None) -> ModelIdentity:
+    """identity with the commit of each component it loads (model, separate UNet weights, tiny VAE).
+    memo_path: where local folders' file digests are remembered across restarts (None: nowhere)."""
+    commits, memo = {}, DigestMemo(memo_path)
     for component, source, revision, probe in _components(identity):
-        commit = resolve_commit(source, revision, probe)
+        commit = resolve_commit(source, revision, probe, memo)
         if commit is None:
             logger.warning("could not resolve %s %s@%s to a commit (no Hub and not in the local cache): "
                            "images are fingerprinted by the name %r, so a cached image may come from an "
@@ -105,6 +144,7 @@ def pin(identity: ModelIdentity) -> ModelIdentity:
             continue
         commits[component] = commit
         logger.info("%s %s@%s is %s", component, source, revision, commit)
+    memo.save()
     return dataclasses.replace(identity, commits=tuple(sorted(commits.items())))
 
 

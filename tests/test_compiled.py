@@ -17,13 +17,15 @@ from inference.compiled import compile_cache_dir, cpu_description
 from inference.pipeline import ImagePipeline, LoadOptions
 from inference.presets import ModelIdentity, get_preset
 from inference.request import GenerationRequest
+from inference.revisions import pin
 from tests.conftest import REPO_ROOT, app_env, free_port
 
 PRESET = get_preset("turbo")  # default 512x512, one step: the CPU preset the compile is for
 
 
 def _pipeline(tiny_model, cache, compile_choice: str) -> ImagePipeline:
-    identity = ModelIdentity.resolve(PRESET, str(tiny_model.sdxl), None, str(tiny_model.taesd))
+    # Pinned as the app pins it (a local folder's digest is in the cache key): what `app.py --compile` built.
+    identity = pin(ModelIdentity.resolve(PRESET, str(tiny_model.sdxl), None, str(tiny_model.taesd)))
     pipeline = ImagePipeline(LoadOptions(PRESET, identity, device="cpu", compile=compile_choice,
                                          compile_cache=cache))
     pipeline.load()

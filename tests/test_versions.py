@@ -4,6 +4,7 @@ presets, the versions serving them and the workers on each."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import app as app_module
 from inference.images import read_parameters
 from inference.presets import ModelIdentity, get_preset
 from inference.request import GenerationRequest
-from inference.revisions import folder_digest, pin, resolve_commit
+from inference.revisions import DigestMemo, folder_digest, pin, resolve_commit
 from storage.keys import fingerprint
 from tests.conftest import get_json, start_app, stop_app
 from tests.services import S3_KEY, S3_SECRET
@@ -51,6 +52,23 @@ def test_a_local_folder_is_pinned_to_a_digest_of_its_files(tiny_model, tmp_path)
     snapshot = tmp_path / "snapshots" / COMMIT_A
     shutil.copytree(tiny_model.taesd, snapshot)
     assert resolve_commit(str(snapshot), "main", "config.json") == COMMIT_A  # a folder of the HF cache
+
+
+def test_folder_digests_are_remembered_across_restarts(tiny_model, tmp_path) -> None:
+    folder, memo_path = tmp_path / "model", tmp_path / "cache" / "folder-digests.json"
+    shutil.copytree(tiny_model.taesd, folder)
+    memo = DigestMemo(memo_path)
+    digest = folder_digest(folder, memo)
+    memo.save()
+    assert digest == folder_digest(folder) and memo_path.is_file()
+    # A restart stats the files and reads none: proven by bytes changed under an unchanged size and time...
+    weights = max(folder.iterdir(), key=lambda path: path.stat().st_size)
+    stat = weights.stat()
+    weights.write_bytes(bytes(stat.st_size))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert folder_digest(folder, DigestMemo(memo_path)) == digest
+    os.utime(weights)  # ...while a file written anew (a new time) is read again
+    assert folder_digest(folder, DigestMemo(memo_path)) != digest
 
 
 def test_a_hub_revision_resolves_through_the_cache_when_offline(tiny_model, tmp_path, monkeypatch) -> None:
