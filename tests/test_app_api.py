@@ -26,7 +26,8 @@ def _fetch(url: str) -> tuple[bytes, str]:
 
 def test_api_lists_the_documented_endpoints(client) -> None:
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/generate", "/submit", "/status", "/cancel"} <= set(api)
+    assert {"/generate", "/submit", "/status", "/cancel", "/feedback", "/models"} <= set(api)
+    assert [p["parameter_name"] for p in api["/feedback"]["parameters"]] == ["request_id", "vote"]
     generate_params = [p["parameter_name"] for p in api["/generate"]["parameters"]]
     fields = ["prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed"]
     sketch = ["init_image", "strength", "loras", "style_weight"]
