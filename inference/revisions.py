@@ -54,10 +54,11 @@ class DigestMemo:
     def save(self) -> None:
         if self.path is None or not self.changed:
             return
+        kept = {key: entry for key, entry in self.entries.items() if os.path.exists(key)}  # forget deleted files
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False) as handle:
-                json.dump(self.entries, handle)
+                json.dump(kept, handle)
             os.replace(handle.name, self.path)  # whole or not at all: another worker may read it now
         except OSError as error:  # a read-only disk costs the next start a re-hash, nothing else
             logger.warning("could not save the digest memo %s: %s", self.path, error)

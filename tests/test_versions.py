@@ -69,6 +69,13 @@ def test_folder_digests_are_remembered_across_restarts(tiny_model, tmp_path) -> 
     assert folder_digest(folder, DigestMemo(memo_path)) == digest
     os.utime(weights)  # ...while a file written anew (a new time) is read again
     assert folder_digest(folder, DigestMemo(memo_path)) != digest
+    shutil.rmtree(folder)  # deleted weights leave the memo at its next save
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model.taesd, other)
+    memo = DigestMemo(memo_path)
+    folder_digest(other, memo)
+    memo.save()
+    assert all(key.startswith(str(other.resolve())) for key in DigestMemo(memo_path).entries)
 
 
 def test_a_hub_revision_resolves_through_the_cache_when_offline(tiny_model, tmp_path, monkeypatch) -> None:
