@@ -294,7 +294,7 @@ class ImagePipeline:
         from inference.compiled import compile_cache_dir
 
         identity = self.options.identity
-        model_key = f"{identity.model_id}@{identity.commit_of('model') or identity.revision} unet={identity.unet_weights}"
+        model_key = f"{identity.model_id}@{identity.model_revision} unet={identity.unet_weights}"
         return compile_cache_dir(self.options.compile_cache, model_key, self.dtype)
 
     def _default_latent_size(self) -> tuple[int, int]:
