@@ -271,14 +271,15 @@ class ImagePipeline:
 
     def _prepack(self, pipe: diffusers.DiffusionPipeline) -> None:
         """PREPACK: auto prepacks where it was measured to pay (AMX CPUs: bench.speed turbo vs
-        turbo+prepack); on wherever oneDNN can; off never. Not with COMPILE=on (the package freezes and
-        prepacks its own weights, and export needs plain ones)."""
+        turbo+prepack); on wherever oneDNN can (float32 on any CPU: its convolutions, 1.06x per UNet step
+        on an AVX2 EPYC for +1.3 GB, which is why auto leaves it off there); off never. Not with
+        COMPILE=on (the package freezes and prepacks its own weights, and export needs plain ones)."""
         from inference.prepack import can_prepack, prepack_unet
 
         if self.options.prepack == "off":
             self.prepacked = "off (PREPACK=off)"
             return
-        if self.options.loras:  # peft wraps the linear layers; packed ones it could not switch
+        if self.options.loras:  # peft wraps the linear and conv layers; packed ones it could not switch
             self.prepacked = "off: LORAS adapters are loaded"
             return
         reason = can_prepack(self.device, self.dtype)
@@ -288,7 +289,8 @@ class ImagePipeline:
             self.prepacked = f"off: {reason}"
             return
         self._set_state("loading", "prepacking the UNet's weights for oneDNN")
-        self.prepacked = prepack_unet(pipe.unet, self._default_latent_size())
+        batch = 2 if self.options.preset.guidance_scale > 1 else 1
+        self.prepacked = prepack_unet(pipe.unet, self._default_latent_size(), batch, self.dtype)
 
     def _compile_cache_dir(self) -> Path:
         from inference.compiled import compile_cache_dir
