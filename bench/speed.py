@@ -41,7 +41,7 @@ class Config:
     plain: bool = False  # the original plan: plain diffusers, float32, full VAE
     tiny_vae: bool = False
     compiled: bool = False  # the UNet as an AOTInductor package (inference/compiled.py), COMPILE=on
-    prepack: str = "off"  # PREPACK: the UNet's linears on oneDNN-packed weights (inference/prepack.py)
+    prepack: str = "off"  # PREPACK: the UNet's linears and convolutions on oneDNN-packed weights (inference/prepack.py)
 
     @property
     def unet_batch(self) -> int:
@@ -118,8 +118,9 @@ def count_flops(config: Config) -> dict[str, float]:
     return counted
 
 
-def full_unet_on_this_machine():
-    """The full-size SDXL UNet (random weights, built once under bench/models) in bf16, after printing
+def full_unet_on_this_machine(dtype=None):
+    """The full-size SDXL UNet (random weights, built once under bench/models) in dtype (bf16 unless
+    told), after printing
     the CPU, its matrix units, torch and its threads: every CPU figure is read against these."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -131,7 +132,7 @@ def full_unet_on_this_machine():
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    return UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
+    return UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=dtype or torch.bfloat16).eval()
 
 
 # ---- one configuration, in its own process ------------------------------------------------------------
@@ -244,9 +245,9 @@ def main() -> None:
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}",
           flush=True)
-    ceilings = {name: gemm_ceiling(name, args.device) for name in ("float32", "bfloat16", "float16")
-                if args.device == "cuda" or name != "float16"}
-    print("GEMM ceiling GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()), flush=True)
+    # Measured for the dtypes the configurations run in, when first needed: a dtype the CPU has no
+    # units for (bf16 on an AVX2-only CPU: under 1 GFLOP/s) would take a quarter of an hour to time.
+    ceilings: dict[str, float] = {}
     names = [n for n in (args.configs.split(",") if args.configs else table)]
     rows = []
     for name in names:
@@ -256,6 +257,9 @@ def main() -> None:
         measured = run_in_subprocess(config, args.device, runs)
         measured["package_build_s"] = build_s
         flops = count_flops(config)
+        if measured["dtype"] not in ceilings:
+            ceilings[measured["dtype"]] = gemm_ceiling(measured["dtype"], args.device)
+            print(f"GEMM ceiling {measured['dtype']}: {ceilings[measured['dtype']]:.0f} GFLOP/s", flush=True)
         ceiling = ceilings[measured["dtype"]]
         measured.update(gflop=flops, floor_s=flops["total"] / ceiling, ceiling_gflops=ceiling)
         measured["ratio_to_floor"] = measured["seconds"] / measured["floor_s"]
