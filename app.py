@@ -50,7 +50,7 @@ from queueing.worker import Worker
 from storage.cache import MemoryResultCache
 from storage.health import BackendHealth
 from storage.history import MIN_KEY_CHARS, MemoryHistory, RedisHistory, ResilientHistory
-from storage.jobs import Job, MemoryJobStore
+from storage.jobs import Job, JobWaiters, MemoryJobStore
 from storage.limits import MemoryInflightLimit, MemoryRateLimiter
 from storage.objects import FailoverObjectStore, LocallyCachedStore, LocalObjectStore, StoreUnavailable
 
@@ -909,7 +909,12 @@ def caller_of(request: gr.Request | None, profile: gr.OAuthProfile | None, trust
     return identify(username, headers, peer, trusted_hops)
 
 
+# Waiters wake on job changes (storage.jobs.JobWaiters); the poll is only the safety net for a lost
+# notification, or the whole mechanism on a store that has none.
 FOLLOW_POLL_SECONDS = 0.25
+FOLLOW_FALLBACK_SECONDS = 1.0
+# At most one progress update per this interval reaches a client (GPU steps come tens a second).
+FOLLOW_MIN_INTERVAL_SECONDS = 0.1
 
 
 def not_an_mcp_tool(fn):
@@ -930,6 +935,8 @@ class Handlers:
         self.gateway = services.gateway
         self.admission = services.admission
         self.styles = LoraCatalog(services.settings.loras)
+        self.waiters = JobWaiters(services.jobs)
+        self.follow_timeout = FOLLOW_FALLBACK_SECONDS if self.waiters.listening else FOLLOW_POLL_SECONDS
 
     def _caller(self, request: gr.Request | None, profile: gr.OAuthProfile | None) -> Caller:
         return caller_of(request, profile, self.services.settings.trusted_proxy_hops)
@@ -1193,12 +1200,18 @@ class Handlers:
     async def _follow_all(self, jobs: list[Job]) -> AsyncIterator[list[Job]]:
         """Yields the jobs whenever one changes, until all finish or the request times out."""
         deadline = time.monotonic() + self.services.settings.request_timeout_seconds
-        while not all(job.finished for job in jobs) and time.monotonic() < deadline:
-            await asyncio.sleep(FOLLOW_POLL_SECONDS)
-            latest = await anyio.to_thread.run_sync(lambda: [self.services.jobs.get(j.request_id) or j for j in jobs])
-            if [job.version for job in latest] != [job.version for job in jobs]:
-                jobs = latest
-                yield jobs
+        # Watching starts before the first read, so a change made since submit() is read, not waited for.
+        with self.waiters.watch(job.request_id for job in jobs) as watch:
+            while not all(job.finished for job in jobs) and time.monotonic() < deadline:
+                latest = await anyio.to_thread.run_sync(
+                    lambda: [self.services.jobs.get(j.request_id) or j for j in jobs])
+                if [job.version for job in latest] != [job.version for job in jobs]:
+                    jobs = latest
+                    yield jobs
+                    if all(job.finished for job in jobs):
+                        break
+                    await asyncio.sleep(FOLLOW_MIN_INTERVAL_SECONDS)
+                await watch.changed(min(self.follow_timeout, max(0.0, deadline - time.monotonic())))
 
     @staticmethod
     def _running(jobs: list[Job]) -> Job | None:
@@ -1383,10 +1396,11 @@ class Handlers:
                            f"got {timeout_seconds}", title="Invalid input")
         internal = {rid: self._visible_job(rid, caller) for rid in dict.fromkeys(request_ids)}
         deadline = time.monotonic() + timeout
-        while not await anyio.to_thread.run_sync(self._all_finished, list(internal.values())):
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        with self.waiters.watch(internal.values()) as watch:
+            while not await anyio.to_thread.run_sync(self._all_finished, list(internal.values())):
+                if time.monotonic() >= deadline:
+                    break
+                await watch.changed(min(self.follow_timeout, max(0.0, deadline - time.monotonic())))
         return {rid: self._public(self.gateway.status(internal[rid]), rid) for rid in internal}
 
     def _all_finished(self, internal_ids: list[str]) -> bool:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -12,6 +15,8 @@ from cachetools import TTLCache
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL_STATES = frozenset({DONE, FAILED, CANCELLED})
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,34 @@ class JobStore(Protocol):
     def wait(self, request_id: str, after_version: int, timeout: float) -> Job | None: ...
 
 
+class ChangeListeners:
+    """Callbacks told the request id of each job change a store sees, from whichever thread made it
+    (JobWaiters turns them into asyncio wake-ups). A failing callback is logged, never the writer's error."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[str], None]] = []
+
+    def add(self, callback: Callable[[str], None]) -> None:
+        self._callbacks.append(callback)
+
+    def notify(self, request_id: str) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(request_id)
+            except Exception:
+                logger.exception("job change listener failed")
+
+
 class MemoryJobStore:
     """Jobs of this process, kept for a day (bounded), with a condition for waiters."""
 
     def __init__(self, max_jobs: int = 10_000, ttl_seconds: float = 24 * 3600) -> None:
         self._jobs: TTLCache = TTLCache(maxsize=max_jobs, ttl=ttl_seconds)
         self._changed = threading.Condition()
+        self.listeners = ChangeListeners()
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        self.listeners.add(callback)
 
     def create(self, job: Job) -> Job:
         """Store job unless its request id exists; return whichever is stored (idempotent retries)."""
@@ -77,17 +104,22 @@ class MemoryJobStore:
                 return existing
             self._jobs[job.request_id] = job
             self._changed.notify_all()
-            return job
+        self.listeners.notify(job.request_id)
+        return job
 
     def get(self, request_id: str) -> Job | None:
         with self._changed:
             return self._jobs.get(request_id)
 
     def put(self, job: Job) -> None:
-        """Overwrite with a newer state known from elsewhere (the Redis mirror)."""
+        """Overwrite with a newer state known from elsewhere (the Redis mirror). Only a different state
+        tells listeners: the mirror re-puts what every read returns, and a waiter reads when woken."""
         with self._changed:
+            if self._jobs.get(job.request_id) == job:
+                return
             self._jobs[job.request_id] = job
             self._changed.notify_all()
+        self.listeners.notify(job.request_id)
 
     def update(self, request_id: str, **changes: Any) -> Job:
         with self._changed:
@@ -95,7 +127,8 @@ class MemoryJobStore:
             job = dataclasses.replace(job, **changes, version=job.version + 1)
             self._jobs[request_id] = job
             self._changed.notify_all()
-            return job
+        self.listeners.notify(request_id)
+        return job
 
     def wait(self, request_id: str, after_version: int, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
@@ -106,3 +139,66 @@ class MemoryJobStore:
                 if job is None or job.version > after_version or remaining <= 0:
                     return job
                 self._changed.wait(remaining)
+
+
+class JobWaiters:
+    """Lets coroutines wait for a change to any of some jobs without holding a thread and without
+    polling: the job store's listener (this process's writes; the fleet's through Redis pub/sub) sets
+    their asyncio events. A store without listeners, or a lost notification, is covered by the caller's
+    timeout, after which it reads the jobs anyway."""
+
+    def __init__(self, store: Any) -> None:
+        self._waiting: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._lock = threading.Lock()
+        add_listener = getattr(store, "add_listener", None)
+        self.listening = add_listener is not None
+        if add_listener is not None:
+            add_listener(self._changed)
+
+    def _changed(self, request_id: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting.get(request_id, ()))
+        for loop, event in waiting:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop has closed: its waiter is gone
+                pass
+
+    def watch(self, request_ids: Iterable[str]) -> JobWatch:
+        """Registers now: a change from here on is seen even if it comes before the caller waits (so
+        watch first, then read the jobs, then wait). Use as a context manager."""
+        watch = JobWatch(self, list(request_ids), asyncio.get_running_loop())
+        with self._lock:
+            for request_id in watch.request_ids:
+                self._waiting.setdefault(request_id, set()).add((watch.loop, watch.event))
+        return watch
+
+    def _unwatch(self, watch: JobWatch) -> None:
+        with self._lock:
+            for request_id in watch.request_ids:
+                entries = self._waiting.get(request_id, set())
+                entries.discard((watch.loop, watch.event))
+                if not entries:
+                    self._waiting.pop(request_id, None)
+
+
+@dataclass(eq=False)
+class JobWatch:
+    waiters: JobWaiters
+    request_ids: list[str]
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def changed(self, timeout: float) -> None:
+        """Returns at the next change to a watched job (or one since the last call), or after timeout."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.event.clear()
+
+    def __enter__(self) -> JobWatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.waiters._unwatch(self)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.cluster import ClusterNode
 
-from storage.jobs import Job
+from storage.jobs import ChangeListeners, Job
 from storage.keys import inflight_key, job_channel, job_key, result_key, worker_key
 
 logger = logging.getLogger(__name__)
@@ -80,17 +80,27 @@ class JobEvents:
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.client, self.pattern = client, job_channel(namespace, "*")
+        self._prefix = job_channel(namespace, "")
         self._waiters: dict[str, list[threading.Event]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.listeners = ChangeListeners()  # told the request id of every change in the fleet
 
-    def wait(self, channel: str, seconds: float, changed: Callable[[], bool]) -> None:
-        """Wait up to seconds for a message on channel, unless changed() already holds once registered."""
-        event = threading.Event()
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        self.listeners.add(callback)
+        self._listen()
+
+    def _listen(self) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="job-events", daemon=True)
                 self._thread.start()
+
+    def wait(self, channel: str, seconds: float, changed: Callable[[], bool]) -> None:
+        """Wait up to seconds for a message on channel, unless changed() already holds once registered."""
+        event = threading.Event()
+        self._listen()
+        with self._lock:
             self._waiters.setdefault(channel, []).append(event)
         try:
             if not changed():  # read after registering: a change in between is seen, not lost
@@ -120,12 +130,18 @@ class JobEvents:
         with self._lock:
             for event in self._waiters.get(channel or "", []):
                 event.set()
+        if channel and channel.startswith(self._prefix):
+            self.listeners.notify(channel[len(self._prefix):])
 
 
 class RedisJobStore:
     def __init__(self, client: redis.Redis, namespace: str, ttl_seconds: int) -> None:
         self.client, self.namespace, self.ttl_seconds = client, namespace, ttl_seconds
         self.events = JobEvents(client, namespace)
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """callback(request_id) at every job change of the fleet (pub/sub, from its reader thread)."""
+        self.events.add_listener(callback)
 
     def _key(self, request_id: str) -> str:
         return job_key(self.namespace, request_id)

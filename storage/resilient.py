@@ -120,6 +120,11 @@ class ResilientJobStore:
         self._remember_unsynced(request_id)
         return job
 
+    def add_listener(self, callback: Any) -> None:
+        """Changes seen through Redis (the fleet's) and those kept here while it is away."""
+        self.primary.add_listener(callback)
+        self.mirror.add_listener(callback)
+
     def wait(self, request_id: str, after_version: int, timeout: float) -> Job | None:
         if request_id not in self._unsynced:
             try:
