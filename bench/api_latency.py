@@ -28,12 +28,11 @@ def main() -> None:
     requests = args.requests or (4 if args.full else 20)
     from gradio_client import Client
 
-    from inference.compiled import cpu_description
+    from bench.speed import cpu_line
     from tests.conftest import TinyModel, start_app, stop_app
     from tests.sdxl_builder import build_tiny_sdxl
 
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}")
+    print(cpu_line())
     with tempfile.TemporaryDirectory() as tmp:
         if args.full:
             from bench.speed import MODELS

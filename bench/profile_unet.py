@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from bench.speed import MODELS
-from inference.compiled import CompiledUNet, compile_cache_dir, cpu_description
+from bench.speed import MODELS, cpu_line
+from inference.compiled import CompiledUNet, compile_cache_dir
 
 GROUPS = (
     ("linear", ("addmm", "aten::mm", "linear", "mkl_linear", "_linear_pointwise", "qlinear")),
@@ -77,8 +77,7 @@ def main() -> None:
     from tests.sdxl_builder import build_full_sdxl
 
     build_full_sdxl(MODELS)
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}")
+    print(cpu_line())
     unet = UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=torch.bfloat16).eval()
     call_args, call_kwargs = unet_call(args.size // 8)
     print(f"\neager, {args.size}x{args.size}:")

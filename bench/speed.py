@@ -118,6 +118,14 @@ def count_flops(config: Config) -> dict[str, float]:
     return counted
 
 
+def cpu_line() -> str:
+    """The CPU and its matrix units, printed above every CPU figure: they are read against it."""
+    from inference.compiled import cpu_description
+
+    cpu = cpu_description()
+    return f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}"
+
+
 def full_unet_on_this_machine(dtype=None):
     """The full-size SDXL UNet (random weights, built once under bench/models) in dtype (bf16 unless
     told), after printing
@@ -125,13 +133,10 @@ def full_unet_on_this_machine(dtype=None):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from inference.compiled import cpu_description
     from tests.sdxl_builder import build_full_sdxl
 
     build_full_sdxl(MODELS)
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     return UNet2DConditionModel.from_pretrained(MODELS / "sdxl" / "unet", torch_dtype=dtype or torch.bfloat16).eval()
 
 
@@ -243,8 +248,7 @@ def main() -> None:
     from inference.compiled import cpu_description
 
     cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), matrix units: {', '.join(cpu['matrix_units']) or 'none'}",
-          flush=True)
+    print(cpu_line(), flush=True)
     # Measured for the dtypes the configurations run in, when first needed: a dtype the CPU has no
     # units for (bf16 on an AVX2-only CPU: under 1 GFLOP/s) would take a quarter of an hour to time.
     ceilings: dict[str, float] = {}
