@@ -84,6 +84,14 @@ def test_bulk_every_zero_is_strict_priority() -> None:
     assert [r.prompt for r in queue._run_order()] == ["i1", "i2", "i3", "i4", "i5", "b1", "b2"]
 
 
+def _wait_state(client: Client, request_id: str, state: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.predict(request_id, api_name="/status")["state"] != state:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{request_id} never {state}")
+        time.sleep(0.05)
+
+
 def _wait_done(client: Client, request_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,17 +109,25 @@ def test_api_interactive_request_overtakes_a_bulk_backlog(tiny_model, tmp_path) 
         client = Client(app.url, verbose=False)
         fields = dict(prompt="", negative_prompt="", preset="base", width=256, height=256, steps=6,
                       guidance_scale=5.0)
-        # One batch, so the backlog is there before the worker can drain it: four bulk, then one interactive.
+        # A slow request holds the worker while the batch is admitted one request at a time: without it,
+        # a quick first bulk request could finish (and the next start) before the batch's last request
+        # is in the queue (CI saw it), and the test would measure admission speed, not priorities.
+        blocker = client.predict(**{**fields, "prompt": "a slow anvil", "width": 512, "height": 512, "steps": 40},
+                                 seed=1, api_name="/submit")
+        _wait_state(client, blocker, "running")
         items = [{**fields, "prompt": f"bulk crate {i}", "seed": i, "priority": "bulk"} for i in range(4)]
         items.append({**fields, "prompt": "urgent sword", "seed": 7})
         outcomes = client.predict(items, api_name="/submit_batch")
         *bulk, urgent = [outcome["request_id"] for outcome in outcomes]
         assert client.predict(bulk[0], api_name="/status")["priority"] == "bulk"
+        if client.predict(blocker, api_name="/status")["state"] == "running":
+            # Queued behind the blocker, the interactive request is next although it came last.
+            assert client.predict(urgent, api_name="/status")["queue_position"] == 1
         status = _wait_done(client, urgent)
         assert status["state"] == "done" and status["priority"] == "interactive", status
         waiting = [client.predict(rid, api_name="/status")["state"] for rid in bulk]
-        # FIFO would have run all four bulk requests first; only the one that was already running
-        # may have finished before the urgent one.
+        # FIFO would have run all four bulk requests first; only the one the worker took after the urgent
+        # request may have finished by the time these are read.
         assert waiting.count("done") <= 1 and waiting[-1] == "queued", waiting
         final = client.predict(bulk, 120, api_name="/wait_all")
         assert all(s["state"] == "done" for s in final.values()), final  # bulk is served too
