@@ -110,8 +110,13 @@ def test_redis_job_changes_from_another_process_wake_the_waiter(redis_server) ->
     gateway_side = ResilientJobStore(RedisJobStore(redis.Redis.from_url(redis_server.url), namespace, 3600),
                                      RedisGuard(BackendHealth()))
     gateway_side.create(Job("r1", "fp-1"))
+    server = redis.Redis.from_url(redis_server.url)
+    patterns_before = server.pubsub_numpat()
     waiters = JobWaiters(gateway_side)
-    time.sleep(0.5)  # the reader thread subscribes
+    deadline = time.monotonic() + 10
+    while server.pubsub_numpat() <= patterns_before:  # the reader thread has subscribed: no change is missed
+        assert time.monotonic() < deadline, "the job events reader never subscribed"
+        time.sleep(0.02)
 
     async def scenario() -> float:
         writer = _update_soon(worker_side, "r1", delay=0.3, state=DONE)
